@@ -1,0 +1,27 @@
+"""Where the data sets live. Edit the roots below for your machine, or pass `--data DIR` to a script.
+
+The names are those of the original HWD/CIRKD code. List files hold one sample a line, paths relative
+to the data set's root (see README, "Data preparation"). When a list file does not exist, the list is
+built by scanning the data set's standard layout under its root, and the log says so.
+"""
+
+# Cityscapes: leftImg8bit/{train,val,test}/<city>/..., gtFine/{train,val,test}/<city>/...
+DATA_CS = './data/cityscapes/'
+DATALIST_CS_TRAIN = './dataset/list/cityscapes/train.lst'
+DATALIST_CS_VAL = './dataset/list/cityscapes/val.lst'
+DATALIST_CS_TEST = './dataset/list/cityscapes/test.lst'
+
+# Pascal VOC 2012 with the SBD augmentation: JPEGImages/, SegmentationClassAug/
+DATA_VOC = './data/VOCAug/'
+DATALIST_VOC_TRAIN = './dataset/list/voc/train_aug.txt'
+DATALIST_VOC_VAL = './dataset/list/voc/val.txt'
+
+# ADE20K (ADEChallengeData2016): images/{training,validation}/, annotations/{training,validation}/
+DATA_ADE20K = './data/ADEChallengeData2016/'
+DATALIST_ADE20K_TRAIN = './dataset/list/ade20k/training.txt'
+DATALIST_ADE20K_VAL = './dataset/list/ade20k/validation.txt'
+
+# COCO-Stuff-164k: images/{train2017,val2017}/, annotations/{train2017,val2017}/ (stuffthingmaps)
+DATA_COCO = './data/coco_stuff_164k/'
+DATALIST_COCO_TRAIN = './dataset/list/coco_stuff_164k/coco_stuff_164k_train.txt'
+DATALIST_COCO_VAL = './dataset/list/coco_stuff_164k/coco_stuff_164k_val.txt'

@@ -1,0 +1,155 @@
+"""Process-group set-up and reductions, for every launcher users type.
+
+- `python -m torch.distributed.launch --nproc_per_node=K` passes `--local-rank=N` (current PyTorch) or
+  `--local_rank N` (old PyTorch) and sets RANK / WORLD_SIZE / MASTER_ADDR / MASTER_PORT;
+- `torchrun` sets LOCAL_RANK, RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT (also across nodes);
+- plain `python script.py` runs one process without a process group.
+
+NCCL on GPUs, gloo on the CPU (`--no-cuda`, or no GPU present).
+"""
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from utils.errors import UserError
+
+
+def add_launcher_args(parser):
+    """The device flags of the original scripts, plus both spellings of the launcher's local rank."""
+    group = parser.add_argument_group('device and launcher')
+    group.add_argument('--gpu-id', type=str, default='0',
+                       help='GPU ids to use, comma separated (one process per GPU when distributed)')
+    group.add_argument('--no-cuda', action='store_true', default=False,
+                       help='run on the CPU (gloo backend when distributed)')
+    group.add_argument('--local_rank', '--local-rank', dest='local_rank', type=int, default=None,
+                       help='set by torch.distributed.launch; torchrun passes LOCAL_RANK instead')
+    return group
+
+
+@dataclass
+class DistContext:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    distributed: bool = False
+    device: torch.device = torch.device('cpu')
+
+    @property
+    def is_main(self):
+        return self.rank == 0
+
+
+def _env_int(name, default=None):
+    value = os.environ.get(name)
+    if value is None or value == '':
+        return default
+    try:
+        return int(value)
+    except ValueError:
+        raise UserError(f'environment variable {name}={value!r} is not an integer; '
+                        'it is normally set by torchrun or torch.distributed.launch')
+
+
+def init_distributed(args):
+    """Set up the process group (when launched with more than one process) and the device.
+
+    Stores `rank`, `world_size`, `local_rank`, `distributed` and `device` on `args` and returns a
+    DistContext with the same values.
+    """
+    world_size = _env_int('WORLD_SIZE', 1)
+    rank = _env_int('RANK', 0)
+    local_rank = _env_int('LOCAL_RANK')
+    if local_rank is None:
+        local_rank = args.local_rank if getattr(args, 'local_rank', None) is not None else 0
+    use_cuda = torch.cuda.is_available() and not getattr(args, 'no_cuda', False)
+    distributed = world_size > 1
+
+    if use_cuda:
+        gpu_ids = [g.strip() for g in str(getattr(args, 'gpu_id', '0')).split(',') if g.strip() != '']
+        try:
+            gpu_ids = [int(g) for g in gpu_ids]
+        except ValueError:
+            raise UserError(f'--gpu-id {args.gpu_id!r}: expected comma-separated integers such as 0,1,2,3')
+        count = torch.cuda.device_count()
+        if distributed or len(gpu_ids) == 0:
+            # One process per GPU: the local rank picks the GPU, among --gpu-id when given enough ids.
+            index = gpu_ids[local_rank] if local_rank < len(gpu_ids) else local_rank
+        else:
+            index = gpu_ids[0]
+        if index >= count:
+            raise UserError(f'GPU {index} was asked for (--gpu-id {args.gpu_id}, local rank {local_rank}) '
+                            f'but this machine has {count} GPU(s)')
+        torch.cuda.set_device(index)
+        device = torch.device('cuda', index)
+        backend = 'nccl'
+    else:
+        device = torch.device('cpu')
+        backend = 'gloo'
+
+    if distributed and not dist.is_initialized():
+        if 'MASTER_ADDR' not in os.environ or 'MASTER_PORT' not in os.environ:
+            raise UserError('WORLD_SIZE > 1 but MASTER_ADDR/MASTER_PORT are not set: launch with torchrun '
+                            'or python -m torch.distributed.launch')
+        kwargs = dict(backend=backend, init_method='env://', world_size=world_size, rank=rank)
+        if use_cuda:
+            kwargs['device_id'] = device
+        dist.init_process_group(**kwargs)
+
+    ctx = DistContext(rank=rank, world_size=world_size, local_rank=local_rank,
+                      distributed=distributed, device=device)
+    for key in ('rank', 'world_size', 'local_rank', 'distributed', 'device'):
+        setattr(args, key, getattr(ctx, key))
+    return ctx
+
+
+def is_dist():
+    return dist.is_available() and dist.is_initialized()
+
+
+def get_rank():
+    return dist.get_rank() if is_dist() else 0
+
+
+def get_world_size():
+    return dist.get_world_size() if is_dist() else 1
+
+
+def is_main_process():
+    return get_rank() == 0
+
+
+def barrier():
+    if is_dist():
+        dist.barrier()
+
+
+def all_reduce_sum(tensor):
+    """Sum of `tensor` over all processes (in place; returns it)."""
+    if is_dist():
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    return tensor
+
+
+def reduce_mean(tensor):
+    """Mean of a tensor over all processes, on a copy."""
+    out = tensor.detach().clone()
+    if is_dist():
+        dist.all_reduce(out, op=dist.ReduceOp.SUM)
+        out /= dist.get_world_size()
+    return out
+
+
+def broadcast_object(obj, src=0):
+    """The value of `obj` on process `src`, on every process."""
+    if not is_dist():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+def cleanup():
+    if is_dist():
+        dist.destroy_process_group()
