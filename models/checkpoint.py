@@ -1,0 +1,176 @@
+"""Reading checkpoints safely and loading them into a network, with errors that say what is wrong.
+
+Files are read with `torch.load(weights_only=True)`: a pickle that names anything but tensors and
+plain containers is refused before any of it runs.
+"""
+import logging
+import os
+import re
+from collections.abc import Mapping
+
+import torch
+
+from utils.errors import UserError
+
+logger = logging.getLogger('hwd')
+
+# Extra keys of the ImageNet backbone files (classification layers) that the dilated backbones lack.
+BACKBONE_EXTRA_PREFIXES = ('fc.', 'classifier.', 'features.18.')
+# Share of the backbone's tensors a backbone file must provide: fewer means it is the wrong file.
+MIN_BACKBONE_COVERAGE = 0.9
+# How many keys of each kind an error message lists.
+SHOW_KEYS = 5
+
+
+class CheckpointError(UserError):
+    """A checkpoint file that cannot be read, or does not fit the network asked for."""
+
+
+def no_file(path):
+    """True for the spellings of "no file": None, '' and the string 'None' of the original scripts."""
+    return path is None or (isinstance(path, str) and path in ('', 'None'))
+
+
+def _is_tensor_mapping(obj):
+    return isinstance(obj, Mapping) and len(obj) > 0 and all(
+        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items())
+
+
+def _load_failure(exc):
+    """Why torch.load(weights_only=True) refused a file, in one line."""
+    text = re.sub(r'\x1b\[[0-9;]*m', '', str(exc))
+    detail = text.split('WeightsUnpickler error:', 1)[-1].split('Check the documentation')[0]
+    detail = ' '.join(detail.split())
+    refused_global = re.search(r'Unsupported global: GLOBAL (\S+)', detail)
+    if refused_global:
+        return ('it holds Python objects, not only tensors (%s), which could run code when loaded; '
+                'refused without running anything' % refused_global.group(1))
+    if 'WeightsUnpickler error:' not in text:
+        detail = ' '.join(text.split())
+    return 'it is not a PyTorch checkpoint (%s: %s)' % (type(exc).__name__, detail[:200] or 'no detail')
+
+
+def read_state_dict(path):
+    """The state dict stored in `path` (tensors on the CPU), without a DistributedDataParallel
+    `module.` prefix. A plain state dict is the format; a dict that wraps one under 'state_dict' or
+    'model' (a training checkpoint) is accepted too. Anything else raises CheckpointError naming the
+    file; nothing in the file is executed."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        what = 'is a directory, not a file' if os.path.isdir(path) else 'does not exist'
+        raise CheckpointError('checkpoint %s %s' % (path, what))
+    try:
+        obj = torch.load(path, map_location='cpu', weights_only=True)
+    except Exception as exc:  # any failure to unpickle means "not a checkpoint we accept"
+        raise CheckpointError('cannot read checkpoint %s: %s' % (path, _load_failure(exc))) from None
+    state = obj
+    if isinstance(obj, Mapping) and not _is_tensor_mapping(obj):
+        for wrapper in ('state_dict', 'model'):
+            if _is_tensor_mapping(obj.get(wrapper)):
+                state = obj[wrapper]
+                break
+    if not _is_tensor_mapping(state):
+        raise CheckpointError('checkpoint %s holds a %s, not a state dict (a mapping from parameter '
+                              'names to tensors)' % (path, type(obj).__name__))
+    return {(k[len('module.'):] if k.startswith('module.') else k): v for k, v in state.items()}
+
+
+def _compare(state, expected):
+    """(missing, unexpected, wrongly shaped) keys of `state` against `expected` (name -> tensor)."""
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    wrong_shape = [k for k in expected if k in state and state[k].shape != expected[k].shape]
+    return missing, unexpected, wrong_shape
+
+
+def _list_keys(title, keys, describe=lambda k: k):
+    if not keys:
+        return None
+    shown = ', '.join(describe(k) for k in keys[:SHOW_KEYS])
+    more = ', ... (%d more)' % (len(keys) - SHOW_KEYS) if len(keys) > SHOW_KEYS else ''
+    return '%d %s: %s%s' % (len(keys), title, shown, more)
+
+
+def _shape_text(shape):
+    return '[%s]' % ', '.join(str(d) for d in shape)
+
+
+def load_network_checkpoint(net, path, describe):
+    """Load a whole-network state dict strictly; `describe` = (model, backbone, num_class).
+
+    Only `num_batches_tracked` counters may be absent (files from old PyTorch versions lack them;
+    they do not change the outputs). Any other difference raises one CheckpointError listing the
+    missing, unexpected and wrongly shaped keys."""
+    model, backbone, num_class = describe
+    state = read_state_dict(path)
+    expected = net.state_dict()
+    missing, unexpected, wrong_shape = _compare(state, expected)
+    missing = [k for k in missing if not k.endswith('num_batches_tracked')]
+    if missing or unexpected or wrong_shape:
+        parts = [
+            _list_keys('wrongly shaped keys (file vs network)', wrong_shape,
+                       lambda k: '%s %s vs %s' % (k, _shape_text(state[k].shape),
+                                                  _shape_text(expected[k].shape))),
+            _list_keys('missing keys', missing),
+            _list_keys('unexpected keys', unexpected),
+        ]
+        message = ('checkpoint %s does not fit the network asked for (model=%s, backbone=%s, '
+                   'num_class=%d): %s' % (path, model, backbone, num_class,
+                                          '; '.join(p for p in parts if p)))
+        classifier_rows = {int(state[k].shape[0]) for k in wrong_shape
+                           if k.endswith(('block.4.weight', 'classifier.weight'))}
+        if len(classifier_rows) == 1 and not missing and not unexpected:
+            message += ('. Its classifier has %d classes: pick the --dataset it was trained on'
+                        % classifier_rows.pop())
+        elif missing or unexpected:
+            message += '. Check --model/--backbone (or --teacher-*/--student-*) against the file'
+        raise CheckpointError(message)
+    net.load_state_dict(state, strict=False)  # only num_batches_tracked may be absent, checked above
+    logger.info('loaded %d tensors of model=%s backbone=%s from %s', len(state), model, backbone, path)
+
+
+def _strip_prefix(state, prefix):
+    return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+
+
+def load_backbone_checkpoint(root, path, backbone_name=''):
+    """Load an ImageNet backbone file into `root` (the backbone's `checkpoint_root`).
+
+    The file's keys carry no `pretrained.` prefix; classification keys (fc.*, classifier.*,
+    features.18.*) are skipped. A file of a whole segmentation network is accepted too (its
+    `pretrained.` / `pretrained.net.` keys are used). Coverage is counted over the weights and
+    running statistics, not `num_batches_tracked` (which some released files lack); fewer than 90%
+    of them found, or any found with a wrong shape, raises CheckpointError."""
+    state = read_state_dict(path)
+    expected = root.state_dict()
+    # Pick the key prefix under which the file matches best ('' is the released backbone format).
+    candidates = [state] + [_strip_prefix(state, p) for p in ('pretrained.', 'pretrained.net.')]
+    state = max(candidates, key=lambda s: sum(k in expected for k in s))
+    counted = [k for k in expected if not k.endswith('num_batches_tracked')]
+    found = [k for k in counted if k in state]
+    wrong_shape = [k for k in expected if k in state and state[k].shape != expected[k].shape]
+    label = ('%s backbone' % backbone_name) if backbone_name else 'backbone'
+    if wrong_shape:
+        raise CheckpointError(
+            'backbone checkpoint %s does not fit the %s: %s. Is it the file for this backbone '
+            '(--pretrained-base / --student-pretrained-base)?' % (
+                path, label, _list_keys('wrongly shaped keys (file vs network)', wrong_shape,
+                                        lambda k: '%s %s vs %s' % (k, _shape_text(state[k].shape),
+                                                                   _shape_text(expected[k].shape)))))
+    if len(found) < MIN_BACKBONE_COVERAGE * len(counted):
+        missing = [k for k in counted if k not in state]
+        raise CheckpointError(
+            'backbone checkpoint %s holds only %d of the %d tensors of the %s (at least %d%% needed): '
+            '%s. Is it the file for this backbone (--pretrained-base / --student-pretrained-base)?'
+            % (path, len(found), len(counted), label, round(100 * MIN_BACKBONE_COVERAGE),
+               _list_keys('missing keys', missing)))
+    usable = {k: v for k, v in state.items() if k in expected}
+    skipped = [k for k in state if k not in expected and not k.startswith(BACKBONE_EXTRA_PREFIXES)]
+    if skipped:
+        logger.warning('ignored %s in backbone checkpoint %s', _list_keys('unknown keys', skipped), path)
+    if len(found) < len(counted):
+        logger.warning('backbone checkpoint %s lacks %s; they keep their initial values', path,
+                       _list_keys('tensors', [k for k in counted if k not in state]))
+    root.load_state_dict(usable, strict=False)
+    logger.info('loaded %d of %d backbone tensors from %s', len(found), len(counted), path)
+    return len(found), len(counted)
