@@ -1,0 +1,193 @@
+"""Evaluate a segmentation checkpoint: pixAcc and mIoU (per-class table), optional saved predictions.
+
+    python eval.py --dataset citys --model deeplabv3 --backbone resnet18 --method hwd \
+        --pretrained hwd_deeplabv3_resnet18_citys_best_model.pth [--scales 0.75 1.0 1.25 --flip-eval]
+    python -m torch.distributed.launch --nproc_per_node=4 eval.py ...   (or torchrun)
+
+Each image is evaluated exactly once whatever the number of processes, and the confusion matrices
+are summed, so the printed numbers do not depend on it. With --save-pred, colour PNGs go to
+{save_dir}/{model}_{backbone}_{dataset}_{method}/ (plus labelIds/ for Cityscapes, ready for the
+official evaluation script, and panels/ with image | ground truth | prediction for the first images).
+`--split test` (Cityscapes) predicts the test images into the same folders, without metrics.
+"""
+import argparse
+import os
+import sys
+
+import torch
+import torch.nn as nn
+from PIL import Image
+from torch.utils.data import DataLoader
+
+from utils.distributed import add_launcher_args, barrier, cleanup, init_distributed
+from utils.errors import UserError
+from utils.evaluation import ShardSampler, evaluate
+from utils.logger import setup_logger
+from utils.metric import format_iou_table, format_summary
+from utils.palette import cityscapes_trainid_to_labelid, colorize, colorize_rgb
+from utils.visualize import denormalize_image, save_panel
+
+DATASETS = ('citys', 'voc', 'ade20k', 'coco')
+# Panels image | ground truth | prediction are drawn for the images with these first data set indices.
+NUM_PANELS = 4
+COMPLEXITY_INPUT = (1, 3, 512, 512)
+
+
+def positive_float(text):
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f'{text!r} is not a number')
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f'{text} is not positive: scales must be > 0 (e.g. 0.75 1.0 1.25)')
+    return value
+
+
+def build_parser():
+    parser = argparse.ArgumentParser(
+        description='Semantic segmentation evaluation (pixAcc, mIoU) with multi-scale and flip.')
+    group = parser.add_argument_group('model and data')
+    group.add_argument('--model', type=str, default='deeplabv3', help='model name')
+    group.add_argument('--backbone', type=str, default='resnet18', help='backbone name')
+    group.add_argument('--dataset', type=str, default='citys', choices=DATASETS, help='data set name')
+    group.add_argument('--method', type=str, default='cirkd',
+                       help='method name, used in the output folder and log file names')
+    group.add_argument('--data', type=str, default=None, metavar='DIR',
+                       help='data set root (default: the root in settings.py, e.g. DATA_CS)')
+    group.add_argument('--split', type=str, default='val', choices=('val', 'test'),
+                       help='val: metrics; test (citys only): predictions without metrics')
+    group.add_argument('--workers', '-j', type=int, default=8, metavar='N', help='data loader workers')
+    group.add_argument('--ignore-label', type=int, default=-1, help='label value not counted')
+    group = parser.add_argument_group('checkpoint and output')
+    group.add_argument('--pretrained', type=str, default='./ckpt/deeplabv3_resnet101_citys_best_model.pth',
+                       help='segmentation checkpoint (state dict of the whole network)')
+    group.add_argument('--save-dir', default='./outputs/', help='directory for the log and predictions')
+    group.add_argument('--save-pred', action='store_true', default=False, help='save predictions')
+    group = parser.add_argument_group('test-time augmentation')
+    group.add_argument('--scales', default=[1.0], type=positive_float, nargs='+',
+                       help='image scales whose predictions are averaged (e.g. 0.75 1.0 1.25)')
+    group.add_argument('--flip-eval', action='store_true', default=False,
+                       help='also average the prediction of the horizontally flipped image')
+    add_launcher_args(parser)
+    return parser
+
+
+def run_name(args):
+    return f'{args.model}_{args.backbone}_{args.dataset}_{args.method}'
+
+
+def load_network(args, num_class, device):
+    """The network of --model/--backbone with --pretrained loaded strictly. The aux head plays no part
+    in evaluation; it is built exactly when the file holds `auxlayer.` keys, so files saved with and
+    without it both load (and any other mismatch is still an error)."""
+    from models.checkpoint import no_file, read_state_dict
+    from models.model_zoo import get_segmentation_model
+
+    if no_file(args.pretrained):
+        raise UserError('--pretrained: eval.py needs the checkpoint file of the network to evaluate')
+    has_aux = any(key.startswith('auxlayer.') for key in read_state_dict(args.pretrained))
+    model = get_segmentation_model(model=args.model, backbone=args.backbone, num_class=num_class,
+                                   aux=has_aux, norm_layer=nn.BatchNorm2d, pretrained=args.pretrained,
+                                   pretrained_base='None')
+    return model.to(device).eval()
+
+
+class PredictionWriter:
+    """Saves, per image: the colour PNG; Cityscapes labelIds; a panel for the first NUM_PANELS images."""
+
+    def __init__(self, out_dir, dataset, sampler, num_panels=NUM_PANELS):
+        self.out_dir = out_dir
+        self.dataset = dataset
+        self.sampler = sampler
+        self.num_panels = num_panels
+        self.label_id_dir = os.path.join(out_dir, 'labelIds') if dataset == 'citys' else None
+        self.panel_dir = os.path.join(out_dir, 'panels')
+        for folder in (out_dir, self.label_id_dir, self.panel_dir if num_panels else None):
+            if folder:
+                os.makedirs(folder, exist_ok=True)
+
+    def __call__(self, position, image, label, pred, names):
+        if isinstance(names, str):
+            names = [names]
+        for i in range(pred.shape[0]):
+            name = os.path.basename(str(names[i]))
+            colorize(pred[i], self.dataset).save(os.path.join(self.out_dir, name + '.png'))
+            if self.label_id_dir:
+                Image.fromarray(cityscapes_trainid_to_labelid(pred[i])).save(
+                    os.path.join(self.label_id_dir, name + '.png'))
+            if self.sampler.indices[position] < self.num_panels and i == 0:
+                columns = [('image', denormalize_image(image[i]))]
+                if label is not None:
+                    columns.append(('ground truth', colorize_rgb(label[i], self.dataset)))
+                columns.append(('prediction', colorize_rgb(pred[i], self.dataset)))
+                save_panel(os.path.join(self.panel_dir, name + '.png'), columns)
+
+
+def run(args):
+    ctx = init_distributed(args)
+    if args.split == 'test' and args.dataset != 'citys':
+        raise UserError(f'--split test is only available for --dataset citys (no test list for {args.dataset})')
+    if args.workers < 0:
+        raise UserError(f'--workers must be >= 0, got {args.workers}')
+    from models.model_zoo import check_model_name
+    check_model_name(args.model, args.backbone)  # before any data is read
+    name = run_name(args)
+    out_dir = os.path.join(args.save_dir, name)
+    logger = setup_logger('semantic_segmentation', args.save_dir, ctx.rank,
+                          filename=f'{name}_{args.split}.txt', mode='a+')
+    logger.info('eval.py arguments: %s', ', '.join(f'{k}={v}' for k, v in sorted(vars(args).items())))
+
+    from dataset import DATASET_INFO, build_dataset
+
+    info = DATASET_INFO[args.dataset]
+    num_class = info.num_class
+    if 0 <= args.ignore_label < num_class:
+        raise UserError(f'--ignore-label {args.ignore_label} is a class of {args.dataset} '
+                        f'(0..{num_class - 1}); use a negative value (default -1) or one >= {num_class}')
+    dataset_kwargs = {'ignore_label': args.ignore_label} if args.split == 'val' else {}
+    dataset = build_dataset(args.dataset, args.split, data_root=args.data, **dataset_kwargs)
+    if len(dataset) == 0:
+        raise UserError(f'the {args.split} list of {args.dataset} is empty: check --data / settings.py '
+                        f'{info.root_setting} and the list file')
+
+    model = load_network(args, num_class, ctx.device)
+    if ctx.is_main:
+        from utils.flops import format_complexity
+        logger.info(format_complexity(model, COMPLEXITY_INPUT))
+
+    sampler = ShardSampler(dataset)
+    loader = DataLoader(dataset, batch_size=1, sampler=sampler, num_workers=args.workers,
+                        pin_memory=ctx.device.type == 'cuda')
+    writer = None
+    if args.save_pred or args.split == 'test':
+        writer = PredictionWriter(out_dir, args.dataset, sampler)
+    labelled = args.split == 'val'
+    logger.info('Start %s: %d images on %d process(es), scales %s, flip %s', 'validation' if labelled
+                else 'test prediction', len(dataset), ctx.world_size,
+                ' '.join(f'{s:g}' for s in args.scales), 'on' if args.flip_eval else 'off')
+    matrix = evaluate(model, loader, num_class, ctx.device, scales=args.scales, flip=args.flip_eval,
+                      progress=ctx.is_main, on_prediction=writer, labelled=labelled)
+    if labelled:
+        pix_acc, miou, iou = matrix.compute()
+        logger.info('Per-class IoU:\n%s', format_iou_table(iou, info.class_names))
+        logger.info(format_summary(pix_acc, miou))
+    if writer is not None:
+        logger.info('predictions saved in %s', out_dir)
+    barrier()
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    try:
+        with torch.no_grad():
+            run(args)
+    except UserError as error:
+        print(f'error: {error}', file=sys.stderr)
+        return 2
+    finally:
+        cleanup()
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())
