@@ -116,6 +116,16 @@ class CriterionHWD(nn.Module):
                 f'temperature={self.temperature}')
 
     def forward(self, preds_S, preds_T, labels):
+        kl, weight = self._kl_and_weights(preds_S, preds_T, labels)
+        n, c = kl.shape
+        return (weight * kl).sum() * (self.temperature ** 2 / (n * c))
+
+    @torch.no_grad()
+    def weights(self, preds_S, preds_T, labels):
+        """The N x C channel weights this loss gives the pair (mean 1 per image; CWD's are all 1)."""
+        return self._kl_and_weights(preds_S, preds_T, labels)[1]
+
+    def _kl_and_weights(self, preds_S, preds_T, labels):
         check_pair(preds_S, preds_T)
         n, c, h, w = preds_S.shape
         if labels.dim() != 3 or labels.shape[0] != n or labels.is_floating_point():
@@ -125,8 +135,7 @@ class CriterionHWD(nn.Module):
         with autocast_disabled(preds_S.device.type):
             kl, distance = channel_kl(preds_S.to(dtype), preds_T.detach().to(dtype), self.temperature,
                                       distance=self.L, on_probabilities=self.activation)
-            weight = self.channel_weights(distance, labels, (h, w))
-            return (weight * kl).sum() * (self.temperature ** 2 / (n * c))
+            return kl, self.channel_weights(distance, labels, (h, w))
 
     @torch.no_grad()
     def channel_weights(self, distance, labels, size):

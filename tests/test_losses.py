@@ -417,3 +417,16 @@ def test_feature_adapter():
     feat_loss = CriterionCWD()(out, torch.randn(2, 256, 4, 4))
     feat_loss.backward()
     assert conv.weight.grad is not None
+
+
+def test_weights_method_gives_the_weights_the_loss_uses():
+    torch.manual_seed(3)
+    s, t = torch.randn(2, 3, 4, 4), torch.randn(2, 3, 4, 4)
+    labels = torch.randint(-1, 3, (2, 8, 8))
+    hwd = CriterionHWD(activation=True, shift=1.0)
+    w = hwd.weights(s, t, labels)
+    assert w.shape == (2, 3) and not w.requires_grad
+    assert torch.allclose(w.sum(1), torch.full((2,), 3.0))
+    kl = (F.softmax(t.reshape(2, 3, -1) / 4, -1) * (F.log_softmax(t.reshape(2, 3, -1) / 4, -1)
+                                                   - F.log_softmax(s.reshape(2, 3, -1) / 4, -1))).sum(-1)
+    assert torch.allclose(hwd(s, t, labels), (w * kl).sum() * 16 / 6, rtol=1e-5)
