@@ -15,7 +15,6 @@ import os
 import sys
 
 import torch
-import torch.nn as nn
 from PIL import Image
 from torch.utils.data import DataLoader
 
@@ -77,19 +76,10 @@ def run_name(args):
 
 
 def load_network(args, num_class, device):
-    """The network of --model/--backbone with --pretrained loaded strictly. The aux head plays no part
-    in evaluation; it is built exactly when the file holds `auxlayer.` keys, so files saved with and
-    without it both load (and any other mismatch is still an error)."""
-    from models.checkpoint import no_file, read_state_dict
-    from models.model_zoo import get_segmentation_model
+    """The network of --model/--backbone with --pretrained loaded strictly, in eval mode."""
+    from models.model_zoo import load_trained_model
 
-    if no_file(args.pretrained):
-        raise UserError('--pretrained: eval.py needs the checkpoint file of the network to evaluate')
-    has_aux = any(key.startswith('auxlayer.') for key in read_state_dict(args.pretrained))
-    model = get_segmentation_model(model=args.model, backbone=args.backbone, num_class=num_class,
-                                   aux=has_aux, norm_layer=nn.BatchNorm2d, pretrained=args.pretrained,
-                                   pretrained_base='None')
-    return model.to(device).eval()
+    return load_trained_model(args.model, args.backbone, num_class, args.pretrained).to(device)
 
 
 class PredictionWriter:

@@ -22,8 +22,7 @@ from PIL import Image
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from dataset.datasets import (CITYSCAPES_LABELID_TO_TRAINID, MEAN_BGR, CSTrainValSet,  # noqa: E402
-                              draw_sample_params)
+from dataset.datasets import CITYSCAPES_LABELID_TO_TRAINID, MEAN_BGR, CSTrainValSet  # noqa: E402
 from dataset.imageio import read_image, read_label  # noqa: E402
 from dataset.toy import RAW_LABELS, make_scene  # noqa: E402
 

@@ -80,3 +80,15 @@ def get_segmentation_model(model, backbone, num_class, aux, norm_layer=nn.BatchN
     if not no_file(pretrained):
         load_network_checkpoint(net, pretrained, describe=(model, backbone, num_class))
     return net
+
+
+def load_trained_model(model, backbone, num_class, pretrained, flag='--pretrained'):
+    """A trained network for inference, in eval mode. The aux head plays no part in inference; it is
+    built exactly when the file holds `auxlayer.` keys, so files saved with and without it both load
+    strictly (any other mismatch is still an error)."""
+    from .checkpoint import read_state_dict
+    if no_file(pretrained):
+        raise UserError(f'{flag}: the checkpoint file of the network to evaluate is needed')
+    has_aux = any(key.startswith('auxlayer.') for key in read_state_dict(pretrained))
+    net = get_segmentation_model(model, backbone, num_class, aux=has_aux, pretrained=pretrained)
+    return net.eval()

@@ -69,3 +69,56 @@ def save_panel(path, columns, **kwargs):
     panel = make_panel(columns, **kwargs)
     panel.save(path)
     return panel
+
+
+def stack_vertically(pictures, gap=4, background=(255, 255, 255)):
+    """PIL images one above the other, left-aligned."""
+    width = max(p.width for p in pictures)
+    height = sum(p.height for p in pictures) + gap * (len(pictures) - 1)
+    canvas = Image.new('RGB', (width, height), background)
+    y = 0
+    for picture in pictures:
+        canvas.paste(picture, (0, y))
+        y += picture.height + gap
+    return canvas
+
+
+def weight_bars(weights, class_names, colors, present=None, title='', bar_width=18, plot_height=120):
+    """A bar chart per image of per-channel weights (N x C array), one bar per class in its palette
+    colour, with a dashed line at 1 (the uniform weight of CWD). `present` (N x C bools) marks the
+    classes that occur in each image; their names are drawn in black, the others in grey."""
+    weights = np.asarray(weights, dtype=np.float64)
+    n, c = weights.shape
+    font = ImageFont.load_default()
+    top = max(1.0, float(np.nanmax(weights)) if weights.size else 1.0) * 1.1
+    left, label_height, row_title = 34, 70, 14
+    width = left + c * bar_width + 10
+    rows = []
+    for i in range(n):
+        row = Image.new('RGB', (width, row_title + plot_height + label_height), (255, 255, 255))
+        draw = ImageDraw.Draw(row)
+        draw.text((left, 1), f'image {i}', fill=(0, 0, 0), font=font)
+        base = row_title + plot_height
+        for tick in (0.0, 1.0, top / 1.1):
+            y = base - int(round(tick / top * plot_height))
+            draw.text((2, y - 5), f'{tick:.1f}', fill=(0, 0, 0), font=font)
+        for j in range(c):
+            x0 = left + j * bar_width
+            h = int(round(weights[i, j] / top * plot_height))
+            draw.rectangle([x0 + 2, base - h, x0 + bar_width - 3, base], fill=tuple(int(v) for v in colors[j]),
+                           outline=(0, 0, 0))
+            # class name written upwards under its bar
+            shade = (0, 0, 0) if present is None or present[i, j] else (160, 160, 160)
+            text = Image.new('RGB', (label_height, bar_width), (255, 255, 255))
+            ImageDraw.Draw(text).text((2, 3), str(class_names[j])[:11], fill=shade, font=font)
+            row.paste(text.rotate(90, expand=True), (x0, base + 2))
+        y_one = base - int(round(1.0 / top * plot_height))
+        for x in range(left, width - 10, 6):
+            draw.line([x, y_one, x + 3, y_one], fill=(200, 0, 0))
+        draw.line([left, base, width - 10, base], fill=(0, 0, 0))
+        rows.append(row)
+    lines = str(title).split('\n')
+    header = Image.new('RGB', (width, 4 + 12 * len(lines)), (255, 255, 255))
+    for k, line in enumerate(lines):
+        ImageDraw.Draw(header).text((4, 2 + 12 * k), line, fill=(0, 0, 0), font=font)
+    return stack_vertically([header] + rows, gap=2)
