@@ -1,0 +1,448 @@
+"""The training scripts end to end (CPU, gloo, generated data) and the loop's parts.
+
+Launch coverage, combined to keep the file short in time: train_hwd.py under torchrun (2 processes),
+train_cwd.py under torch.distributed.launch (2 processes), train_baseline.py as one plain process (the
+SIGKILL/resume test), under two torchrun "nodes", and under torchrun for the SIGTERM test; train_hwd.py
+also as one plain process in the NaN test.
+
+Test-only hooks live in small wrapper scripts written by the tests (nothing in the production code):
+the per-rank weights are dumped by a wrapper that calls `train_hwd.main()` (which returns the trained
+student of its process), and the NaN is injected by a wrapper that patches the HWD term of one iteration.
+"""
+import math
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+import torch
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PYTHON = sys.executable
+TORCHRUN = [PYTHON, '-m', 'torch.distributed.run']
+LAUNCH = [PYTHON, '-m', 'torch.distributed.launch']
+TIMEOUT = 180
+
+pytestmark = pytest.mark.slow
+
+
+def script(name):
+    return os.path.join(REPO, name)
+
+
+def free_port():
+    with socket.socket() as sock:
+        sock.bind(('127.0.0.1', 0))
+        return sock.getsockname()[1]
+
+
+def clean_env(**extra):
+    env = {k: v for k, v in os.environ.items()
+           if k not in ('RANK', 'WORLD_SIZE', 'LOCAL_RANK', 'MASTER_ADDR', 'MASTER_PORT', 'LOCAL_WORLD_SIZE')}
+    env.update(OMP_NUM_THREADS='1', PYTHONUNBUFFERED='1', PYTHONPATH=REPO)
+    env.update(extra)
+    return env
+
+
+def run(cmd, cwd, timeout=TIMEOUT, **env):
+    proc = subprocess.run(cmd, cwd=cwd, env=clean_env(**env), capture_output=True, text=True, timeout=timeout)
+    return proc
+
+
+def must_succeed(proc):
+    assert proc.returncode == 0, f'exit {proc.returncode}\nSTDOUT:\n{proc.stdout[-4000:]}\nSTDERR:\n{proc.stderr[-4000:]}'
+
+
+@pytest.fixture(scope='module')
+def setup(toy_root, tmp_path_factory):
+    """Toy Cityscapes and two 'teacher' checkpoints (fresh networks): 19 classes, and 21 for the mismatch."""
+    from models.model_zoo import get_segmentation_model
+    root = toy_root('citys', num_train=4, num_val=2, size=(64, 96))
+    work = tmp_path_factory.mktemp('train')
+    torch.manual_seed(0)
+    teacher = work / 'teacher.pth'
+    torch.save(get_segmentation_model('deeplabv3', 'resnet18', 19, True).state_dict(), teacher)
+    teacher21 = work / 'teacher21.pth'
+    torch.save(get_segmentation_model('deeplabv3', 'resnet18', 21, True).state_dict(), teacher21)
+    return {'data': str(root), 'teacher': str(teacher), 'teacher21': str(teacher21), 'work': work}
+
+
+def common(setup, out, batch=2, iters=2, **flags):
+    args = ['--no-cuda', '--data', setup['data'], '--crop-size', '64,64', '--workers', '0',
+            '--batch-size', str(batch), '--max-iterations', str(iters),
+            '--save-dir', str(out / 'ckpt'), '--log-dir', str(out / 'logs')]
+    for key, value in flags.items():
+        flag = '--' + key.replace('_', '-')
+        args += [flag] if value is True else [flag, str(value)]
+    return args
+
+
+def distill(setup):
+    return ['--teacher-backbone', 'resnet18', '--teacher-pretrained', setup['teacher'],
+            '--student-pretrained-base', 'None']
+
+
+LOG_LINE = re.compile(r'Iters: (\d+)/(\d+) \|\| Lr: (\d+\.\d{6}) \|\| Task Loss: \d+\.\d{4}( \|\| [A-Za-z ]+ Loss: '
+                      r'\d+\.\d{4})* \|\| Cost Time: \d+:\d\d:\d\d \|\| Estimated Time: \d+:\d\d:\d\d')
+
+
+def log_lines(path):
+    return [m for m in (LOG_LINE.search(line) for line in open(path)) if m]
+
+
+def poly(lr, i, max_iterations):
+    return lr * (1 - i / max_iterations) ** 0.9
+
+
+def check_student_file(path, num_class=19):
+    """A plain student state dict without `module.` that loads into eval's network."""
+    from models.model_zoo import get_segmentation_model
+    state = torch.load(path, map_location='cpu', weights_only=True)
+    assert isinstance(state, dict) and state
+    assert not any(key.startswith('module.') for key in state)
+    net = get_segmentation_model('deeplabv3', 'resnet18', num_class, True, pretrained=str(path))
+    loaded = net.state_dict()
+    assert all(torch.equal(loaded[key], value) for key, value in state.items())
+
+
+def wait_for(predicate, proc, timeout=120):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if predicate():
+            return True
+        if proc.poll() is not None:
+            return predicate()
+        time.sleep(0.05)
+    return False
+
+
+# ---------------------------------------------------------------- launchers
+
+def test_hwd_torchrun_two_processes(setup, tmp_path):
+    """torchrun, 2 processes: files, names, log format, validation, identical weights on both ranks."""
+    wrapper = tmp_path / 'dump_ranks.py'
+    wrapper.write_text(textwrap.dedent(f'''
+        import os, sys, torch
+        sys.path.insert(0, {REPO!r})
+        import train_hwd
+        student = train_hwd.main(sys.argv[1:])
+        params = {{name: p.detach().clone() for name, p in student.named_parameters()}}
+        torch.save(params, os.path.join({str(tmp_path)!r}, 'rank%s.pth' % os.environ['RANK']))
+    '''))
+    args = common(setup, tmp_path, batch=4, iters=4, log_iter=2, val_per_iters=2) + distill(setup) + [
+        '--activation', '--shift', '1.0']
+    proc = run(TORCHRUN + ['--nproc_per_node=2', f'--master_port={free_port()}', str(wrapper)] + args, tmp_path)
+    must_succeed(proc)
+    stem = 'hwd_deeplabv3_resnet18_citys'
+    ckpt = tmp_path / 'ckpt'
+    assert sorted(p.name for p in ckpt.iterdir()) == sorted(
+        [f'{stem}.pth', f'{stem}_best_model.pth', f'{stem}_resume.pth'])
+    check_student_file(ckpt / f'{stem}.pth')
+    check_student_file(ckpt / f'{stem}_best_model.pth')
+    log = tmp_path / 'logs' / f'{stem}_log.txt'
+    lines = log_lines(log)
+    assert [int(m.group(1)) for m in lines] == [2, 4]
+    assert all('HWD Loss' in m.group(0) for m in lines)
+    assert float(lines[0].group(3)) == pytest.approx(poly(0.01, 1, 4), abs=1e-6)
+    text = log.read_text()
+    assert text.count('Overall validation pixAcc') == 2 and 'Using 2 process(es)' in text
+    rank0 = torch.load(tmp_path / 'rank0.pth', weights_only=True)
+    rank1 = torch.load(tmp_path / 'rank1.pth', weights_only=True)
+    assert rank0.keys() == rank1.keys()
+    assert all(torch.equal(rank0[key], rank1[key]) for key in rank0)
+    resume = torch.load(ckpt / f'{stem}_resume.pth', weights_only=True)
+    assert resume['iteration'] == 4 and len(resume['rng']) == 2
+    assert all(torch.equal(resume['student'][key], value) for key, value in
+               torch.load(ckpt / f'{stem}.pth', weights_only=True).items())
+
+
+def test_cwd_distributed_launch_two_processes(setup, tmp_path):
+    """torch.distributed.launch (passes --local-rank=N), 2 processes, CWD with its feature adapter."""
+    args = common(setup, tmp_path, batch=4, iters=2, log_iter=1, skip_val=True) + distill(setup) + [
+        '--lambda-feat', '1.0']
+    proc = run(LAUNCH + ['--nproc_per_node=2', f'--master_port={free_port()}', script('train_cwd.py')] + args,
+               tmp_path)
+    must_succeed(proc)
+    stem = 'cwd_deeplabv3_resnet18_citys'
+    check_student_file(tmp_path / 'ckpt' / f'{stem}.pth')
+    assert not (tmp_path / 'ckpt' / f'{stem}_best_model.pth').exists()  # --skip-val: no best model
+    lines = log_lines(tmp_path / 'logs' / f'{stem}_log.txt')
+    assert [int(m.group(1)) for m in lines] == [1, 2]
+    assert 'CWD Loss' in lines[0].group(0) and 'CWD Feature Loss' in lines[0].group(0)
+    resume = torch.load(tmp_path / 'ckpt' / f'{stem}_resume.pth', weights_only=True)
+    assert any(key.startswith('adapter.') for key in resume['extra'])  # the adapter is trained and saved
+
+
+def test_baseline_two_nodes(setup, tmp_path):
+    """Two torchrun launches with --nnodes=2 on this machine form one 2-process run."""
+    port = free_port()
+    args = common(setup, tmp_path, batch=4, iters=2, log_iter=1, skip_val=True) + ['--pretrained-base', 'None']
+    procs = [subprocess.Popen(TORCHRUN + ['--nnodes=2', f'--node_rank={rank}', '--nproc_per_node=1',
+                                          '--master_addr=127.0.0.1', f'--master_port={port}',
+                                          script('train_baseline.py')] + args,
+                              cwd=tmp_path, env=clean_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              text=True)
+             for rank in (0, 1)]
+    outputs = [p.communicate(timeout=TIMEOUT)[0] for p in procs]
+    for proc, out in zip(procs, outputs):
+        assert proc.returncode == 0, out[-4000:]
+    stem = 'baseline_deeplabv3_resnet18_citys'
+    check_student_file(tmp_path / 'ckpt' / f'{stem}.pth')
+    text = (tmp_path / 'logs' / f'{stem}_log.txt').read_text()
+    assert 'Using 2 process(es)' in text and len(log_lines(tmp_path / 'logs' / f'{stem}_log.txt')) == 2
+
+
+# ---------------------------------------------------------------- crash, pre-emption, divergence
+
+def test_baseline_plain_sigkill_then_resume_auto(setup, tmp_path):
+    """One plain process killed with SIGKILL; --resume auto continues at the next iteration, same lr."""
+    max_iterations = 12
+    args = common(setup, tmp_path, batch=2, iters=max_iterations, log_iter=1, save_per_iters=2, skip_val=True) + [
+        '--pretrained-base', 'None']
+    stem = 'baseline_deeplabv3_resnet18_citys'
+    resume_path = tmp_path / 'ckpt' / f'{stem}_resume.pth'
+    with open(tmp_path / 'first.out', 'w') as out:
+        # --resume auto without a resume file yet: starts at iteration 0 and says so
+        proc = subprocess.Popen([PYTHON, script('train_baseline.py')] + args + ['--resume', 'auto'], cwd=tmp_path,
+                                env=clean_env(), stdout=out, stderr=subprocess.STDOUT)
+        try:
+            assert wait_for(resume_path.exists, proc), 'no resume file was written'
+            proc.send_signal(signal.SIGKILL)
+        finally:
+            proc.wait(timeout=TIMEOUT)
+    assert proc.returncode == -signal.SIGKILL
+    assert '--resume auto: no resume file' in (tmp_path / 'first.out').read_text()
+    done = torch.load(resume_path, weights_only=True)['iteration']
+    assert 2 <= done < max_iterations and done % 2 == 0
+
+    proc = run([PYTHON, script('train_baseline.py')] + args + ['--resume', 'auto'], tmp_path)
+    must_succeed(proc)
+    log = tmp_path / 'logs' / f'{stem}_log.txt'
+    assert f'Resumed from {resume_path}: iteration {done}/{max_iterations}' in log.read_text()
+    after = log.read_text().split('Resumed from')[1]
+    lines = [m for m in (LOG_LINE.search(line) for line in after.splitlines()) if m]
+    assert [int(m.group(1)) for m in lines] == list(range(done + 1, max_iterations + 1))
+    for m in lines:
+        assert float(m.group(3)) == pytest.approx(poly(0.01, int(m.group(1)) - 1, max_iterations), abs=1e-6)
+    assert torch.load(resume_path, weights_only=True)['iteration'] == max_iterations
+    check_student_file(tmp_path / 'ckpt' / f'{stem}.pth')
+
+
+def test_sigterm_saves_resume_file_on_all_ranks(setup, tmp_path):
+    """SIGTERM to torchrun: both processes agree on the iteration, rank 0 writes the resume file, both exit."""
+    max_iterations = 30
+    args = common(setup, tmp_path, batch=4, iters=max_iterations, log_iter=1, skip_val=True) + [
+        '--pretrained-base', 'None']
+    stem = 'baseline_deeplabv3_resnet18_citys'
+    log = tmp_path / 'logs' / f'{stem}_log.txt'
+    with open(tmp_path / 'run.out', 'w') as out:
+        proc = subprocess.Popen(TORCHRUN + ['--nproc_per_node=2', f'--master_port={free_port()}',
+                                            script('train_baseline.py')] + args,
+                                cwd=tmp_path, env=clean_env(), stdout=out, stderr=subprocess.STDOUT)
+        try:
+            assert wait_for(lambda: log.exists() and f'Iters: 2/{max_iterations}' in log.read_text(), proc)
+            proc.send_signal(signal.SIGTERM)
+        finally:
+            proc.wait(timeout=TIMEOUT)
+    output = (tmp_path / 'run.out').read_text()
+    stopped = re.findall(r'stopped by SIGTERM after iteration (\d+)', output)
+    assert len(stopped) == 2 and stopped[0] == stopped[1], output[-4000:]
+    resume = torch.load(tmp_path / 'ckpt' / f'{stem}_resume.pth', weights_only=True)
+    assert resume['iteration'] == int(stopped[0]) and 2 <= resume['iteration'] < max_iterations
+    assert len(resume['rng']) == 2
+    assert 'SIGTERM: saved the resume file' in log.read_text()
+
+
+def test_nan_loss_stops_with_iteration_and_term(setup, tmp_path):
+    """A NaN in the HWD term at iteration 3 stops the run at the next check; the best model stays as it was.
+
+    Hook: a wrapper script multiplies the HWD term of the 3rd call by NaN (no hook in the production code).
+    """
+    wrapper = tmp_path / 'nan_at_3.py'
+    wrapper.write_text(textwrap.dedent(f'''
+        import sys
+        sys.path.insert(0, {REPO!r})
+        import train_hwd
+        from utils.train_loop import run_script
+        original = train_hwd.HWDDistillation.forward
+        calls = [0]
+        def forward(self, s_outputs, t_outputs, labels):
+            calls[0] += 1
+            terms = original(self, s_outputs, t_outputs, labels)
+            if calls[0] == 3:
+                terms['HWD Loss'] = terms['HWD Loss'] * float('nan')
+            return terms
+        train_hwd.HWDDistillation.forward = forward
+        sys.exit(run_script(train_hwd.main))
+    '''))
+    args = common(setup, tmp_path, batch=2, iters=8, log_iter=4, val_per_iters=2) + distill(setup)
+    proc = run([PYTHON, str(wrapper)] + args, tmp_path)
+    assert proc.returncode == 2, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert 'error: the loss became non-finite at iteration 3 (HWD Loss)' in proc.stderr
+    assert 'Traceback' not in proc.stderr
+    stem = 'hwd_deeplabv3_resnet18_citys'
+    resume = torch.load(tmp_path / 'ckpt' / f'{stem}_resume.pth', weights_only=True)
+    assert resume['iteration'] == 2  # nothing saved after the NaN (the check at 4 came first)
+    best = torch.load(tmp_path / 'ckpt' / f'{stem}_best_model.pth', weights_only=True)
+    assert all(torch.isfinite(v).all() for v in best.values() if v.is_floating_point())
+    assert all(torch.equal(best[k], resume['student'][k]) for k in best)
+
+
+# ---------------------------------------------------------------- flag errors (before any work)
+
+def _argv(setup, tmp_path, *extra):
+    return common(setup, tmp_path) + list(extra)
+
+
+FLAG_ERRORS = [
+    ('train_hwd', ['--crop-size', '512,abc'], '--crop-size'),
+    ('train_hwd', ['--crop-size', '0,512'], '--crop-size'),
+    ('train_baseline', ['--crop-size', '1,2,3'], '--crop-size'),
+    ('train_baseline', ['--batch-size', '0'], '--batch-size'),
+    ('train_baseline', ['--max-iterations', '-5'], '--max-iterations'),
+    ('train_baseline', ['--lr', '0'], '--lr'),
+    ('train_cwd', ['--lr', 'nan'], '--lr'),
+    ('train_baseline', ['--log-iter', '0'], '--log-iter'),
+    ('train_baseline', ['--val-per-iters', '0'], '--val-per-iters'),
+    ('train_baseline', ['--save-per-iters', '-1'], '--save-per-iters'),
+    ('train_baseline', ['--workers', '-1'], '--workers'),
+    ('train_cwd', ['--temperature', '0'], '--temperature'),
+    ('train_cwd', ['--lambda-logit', '-1'], '--lambda-logit'),
+    ('train_hwd', ['--L', 'KL'], '--activation'),
+    ('train_hwd', ['--process', 'E', '--parameter', '1'], '--parameter'),
+    ('train_hwd', ['--process', 'T', '--parameter', '0'], '--parameter'),
+    ('train_hwd', ['--L', 'XYZ'], '--L'),
+    ('train_baseline', ['--model', 'deeplabv3', '--backbone', 'mobile'], '--backbone'),
+    ('train_hwd', ['--student-model', 'unet'], '--student-model'),
+    ('train_hwd', ['--teacher-pretrained', 'TEACHER21'], 'trained for 21 classes'),
+    ('train_hwd', ['--teacher-pretrained', 'missing.pth'], '--teacher-pretrained'),
+    ('train_baseline', ['--pretrained-base', 'missing.pth'], '--pretrained-base'),
+    ('train_baseline', ['--resume', 'missing_resume.pth'], '--resume'),
+    ('train_baseline', ['--dataset', 'kitti'], '--dataset'),
+]
+
+
+@pytest.mark.parametrize('module,extra,fragment', FLAG_ERRORS,
+                         ids=[f'{m}:{" ".join(e)}' for m, e, _ in FLAG_ERRORS])
+def test_flag_errors(setup, tmp_path, capsys, module, extra, fragment):
+    import importlib
+    mod = importlib.import_module(module)
+    extra = [setup['teacher21'] if value == 'TEACHER21' else value for value in extra]
+    # the flags under test come last: argparse keeps the last value of a repeated flag
+    networks = ['--pretrained-base', 'None'] if module == 'train_baseline' else distill(setup)
+    argv = common(setup, tmp_path) + networks + extra
+    with pytest.raises(SystemExit) as exit_info:
+        mod.parse_args(argv)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert 'error:' in err and fragment in err, err
+    assert not (tmp_path / 'ckpt').exists() and not (tmp_path / 'logs').exists()
+
+
+def test_batch_must_split_over_processes(setup, tmp_path, capsys, monkeypatch):
+    import train_baseline
+    monkeypatch.setenv('WORLD_SIZE', '2')
+    with pytest.raises(SystemExit) as exit_info:
+        train_baseline.parse_args(_argv(setup, tmp_path, '--batch-size', '3', '--pretrained-base', 'None'))
+    assert exit_info.value.code == 2
+    assert '--batch-size 3' in capsys.readouterr().err
+
+
+def test_user_error_exit_status_and_message(setup, tmp_path):
+    """A UserError raised during the run (a missing data root) -> 'error: ...' on stderr, status 2."""
+    proc = run([PYTHON, script('train_baseline.py'), '--no-cuda', '--data', str(tmp_path / 'nowhere'),
+                '--pretrained-base', 'None', '--save-dir', str(tmp_path / 'c'), '--log-dir', str(tmp_path / 'l')],
+               tmp_path)
+    assert proc.returncode == 2
+    assert proc.stderr.startswith('error: ') and '--data' in proc.stderr and 'Traceback' not in proc.stderr
+
+
+# ---------------------------------------------------------------- parts of the loop
+
+def test_sampler_shares_exactly_and_resumes():
+    from utils.samplers import IterationSampler
+    max_iterations, batch, world = 5, 4, 2
+    full = [list(IterationSampler(7, max_iterations, batch, rank=r, world_size=world, seed=3)) for r in range(world)]
+    assert all(len(share) == max_iterations * batch // world for share in full)
+    single = list(IterationSampler(7, max_iterations, batch, seed=3))
+    # global batch i = the ranks' slices of batch i, whatever the number of processes
+    per = batch // world
+    rebuilt = []
+    for i in range(max_iterations):
+        for r in range(world):
+            rebuilt += full[r][i * per:(i + 1) * per]
+    assert rebuilt == single
+    assert sorted(single) == sorted(torch.arange(max_iterations * batch).remainder(7).tolist())
+    resumed = list(IterationSampler(7, max_iterations, batch, rank=1, world_size=world, seed=3, start_iteration=2))
+    assert resumed == full[1][2 * per:]
+
+
+def test_poly_lr_counts_from_zero():
+    from utils.train_loop import poly_lr
+    assert poly_lr(0.01, 0, 100) == 0.01
+    assert poly_lr(0.01, 50, 100) == pytest.approx(0.01 * 0.5 ** 0.9)
+
+
+def test_atomic_save_leaves_no_partial_file(tmp_path):
+    from utils.checkpointing import atomic_save
+
+    class Unpicklable:
+        def __reduce__(self):
+            raise RuntimeError('boom')
+
+    target = tmp_path / 'x.pth'
+    atomic_save({'a': torch.ones(2)}, target)
+    with pytest.raises(RuntimeError):
+        atomic_save({'a': Unpicklable()}, target)
+    assert [p.name for p in tmp_path.iterdir()] == ['x.pth']
+    assert torch.equal(torch.load(target, weights_only=True)['a'], torch.ones(2))
+
+
+def test_loss_meter_names_first_bad_iteration():
+    from utils.train_loop import LossMeter, NonFiniteLossError
+    meter = LossMeter('cpu')
+    meter.add({'Task Loss': torch.tensor(1.0), 'HWD Loss': torch.tensor(2.0)}, 1)
+    meter.add({'Task Loss': torch.tensor(3.0), 'HWD Loss': torch.tensor(math.inf)}, 2)
+    meter.add({'Task Loss': torch.tensor(math.nan), 'HWD Loss': torch.tensor(math.nan)}, 3)
+    with pytest.raises(NonFiniteLossError, match=r'iteration 2 \(HWD Loss\)'):
+        meter.check()
+    meter = LossMeter('cpu')
+    meter.add({'Task Loss': torch.tensor(1.0)}, 1)
+    meter.add({'Task Loss': torch.tensor(3.0)}, 2)
+    meter.check()
+    assert meter.summary() == {'Task Loss': 2.0}
+
+
+def test_launcher_local_rank_spellings(setup, tmp_path):
+    import train_baseline
+    base = common(setup, tmp_path) + ['--pretrained-base', 'None']
+    assert train_baseline.parse_args(base + ['--local-rank=1']).local_rank == 1
+    assert train_baseline.parse_args(base + ['--local_rank', '0']).local_rank == 0
+    assert tuple(train_baseline.parse_args(base + ['--crop-size', '32,48']).crop_size) == (32, 48)
+
+
+def test_resume_file_from_another_run_is_refused(setup, tmp_path):
+    import train_hwd
+    from utils.checkpointing import ResumeError, check_resume_matches, flags_for_resume
+    args = train_hwd.parse_args(common(setup, tmp_path, iters=10) + distill(setup))
+    state = {'method': 'hwd', 'args': flags_for_resume(args)}
+    check_resume_matches(state, 'r.pth', 'hwd', 'deeplabv3', 'resnet18', args)
+    args.max_iterations = 20
+    with pytest.raises(ResumeError, match=r'--max-iterations 10 \(this run: 20\)'):
+        check_resume_matches(state, 'r.pth', 'hwd', 'deeplabv3', 'resnet18', args)
+    with pytest.raises(ResumeError, match='method'):
+        check_resume_matches(state, 'r.pth', 'cwd', 'deeplabv3', 'resnet18', train_hwd.parse_args(
+            common(setup, tmp_path, iters=10) + distill(setup)))
+
+
+def test_plain_checkpoint_is_not_a_resume_file(tmp_path):
+    from utils.checkpointing import ResumeError, load_resume_state
+    path = tmp_path / 'weights.pth'
+    torch.save({'conv.weight': torch.zeros(1)}, path)
+    with pytest.raises(ResumeError, match='not a resume file'):
+        load_resume_state(str(path))

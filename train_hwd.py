@@ -1,0 +1,71 @@
+"""Holistic Weighted Distillation: train a student segmentation network from a frozen teacher.
+
+    python -m torch.distributed.launch --nproc_per_node=4 train_hwd.py --gpu-id 0,1,2,3 --dataset citys \
+        --teacher-model deeplabv3 --teacher-backbone resnet101 \
+        --teacher-pretrained ckpt/deeplabv3_resnet101_citys_best_model.pth \
+        --student-model deeplabv3 --student-backbone resnet18 \
+        --student-pretrained-base pretrained/resnet18-imagenet.pth \
+        --activation --L MSE --process E --parameter 0.1 --shift 1.0 --DivPixel None
+
+Loss: task loss (+0.4 aux) + --lambda-hwd x CriterionHWD(student logits, teacher logits, labels).
+"""
+import sys
+
+import torch.nn as nn
+
+from losses import CriterionHWD, LossSettingError
+from utils.options import build_parser, finite_float, positive_float, non_negative_float, validate_args
+from utils.train_loop import run_script, run_training
+
+METHOD = 'hwd'
+
+
+class HWDDistillation(nn.Module):
+    """{'HWD Loss': lambda x HWD between the student's and the teacher's logits}."""
+
+    def __init__(self, criterion, weight):
+        super().__init__()
+        self.criterion = criterion
+        self.weight = weight
+
+    def forward(self, s_outputs, t_outputs, labels):
+        return {'HWD Loss': self.weight * self.criterion(s_outputs[0], t_outputs[0], labels)}
+
+
+def make_criterion(args):
+    return CriterionHWD(norm=True, L=args.L, process=args.process, parameter=args.parameter,
+                        DivPixel=args.DivPixel, shift=args.shift, activation=args.activation,
+                        temperature=args.temperature)
+
+
+def parse_args(argv=None):
+    parser = build_parser('Holistic Weighted Distillation for semantic segmentation', distillation=True)
+    group = parser.add_argument_group('HWD')
+    group.add_argument('--lambda-hwd', type=non_negative_float, default=3.0, help='weight of the HWD loss')
+    group.add_argument('--temperature', type=positive_float, default=4.0, help='softmax temperature tau')
+    group.add_argument('--L', type=str, default='MSE', choices=['MSE', 'L1', 'SMOOTHL1', 'KL'],
+                       help='channel distance (KL needs --activation)')
+    group.add_argument('--process', type=str, default='E', choices=['E', 'T'],
+                       help='weight processing: E = (1 - beta^w) / (1 - beta), T = w / tau\'')
+    group.add_argument('--activation', action='store_true', default=False,
+                       help='measure the distance on the softmax maps instead of the raw logits')
+    group.add_argument('--parameter', type=finite_float, default=0.1,
+                       help='beta of --process E, tau\' of --process T')
+    group.add_argument('--shift', type=finite_float, default=0.0, help='added to the normalised distances')
+    group.add_argument('--DivPixel', type=str, default='None', choices=['None', 'N', 'SqrtN', 'N2'],
+                       help='divide the distance by the class\'s pixel count (N), its root or its square')
+    args = parser.parse_args(argv)
+    try:
+        make_criterion(args)  # the loss checks its own settings (e.g. --L KL without --activation)
+    except LossSettingError as error:
+        parser.error(str(error))
+    return validate_args(parser, args)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    return run_training(args, METHOD, lambda nets: HWDDistillation(make_criterion(args), args.lambda_hwd))
+
+
+if __name__ == '__main__':
+    sys.exit(run_script(main))

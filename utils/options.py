@@ -1,0 +1,270 @@
+"""Command-line flags shared by the training scripts (train_baseline.py, train_hwd.py, train_cwd.py, ...).
+
+The flag names and defaults are those of the original HWD/CIRKD scripts, so that existing command lines
+keep working. Every check that can be made before any work is done here and reported through
+`parser.error` (exit status 2, with the usage line): malformed sizes, non-positive counts and rates,
+flag combinations that make no sense, a batch that does not split over the processes, a teacher
+checkpoint trained for another number of classes.
+"""
+import argparse
+import os
+
+from utils.distributed import add_launcher_args
+
+DATASETS = ('citys', 'voc', 'ade20k', 'coco')
+
+
+# ---------------------------------------------------------------- argparse value types
+
+def crop_size(text):
+    """'512,512' (height,width) or '512' (a square) -> (h, w); anything else is an argparse error."""
+    parts = [p.strip() for p in str(text).replace('x', ',').split(',')]
+    try:
+        sizes = [int(p) for p in parts]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f'{text!r} is not HEIGHT,WIDTH (two positive integers, e.g. 512,512)')
+    if len(sizes) == 1:
+        sizes = sizes * 2
+    if len(sizes) != 2 or min(sizes) <= 0:
+        raise argparse.ArgumentTypeError(f'{text!r} is not HEIGHT,WIDTH (two positive integers, e.g. 512,512)')
+    return tuple(sizes)
+
+
+def positive_int(text):
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f'{text!r} is not an integer')
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f'{value} must be a positive integer')
+    return value
+
+
+def non_negative_int(text):
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f'{text!r} is not an integer')
+    if value < 0:
+        raise argparse.ArgumentTypeError(f'{value} must be zero or a positive integer')
+    return value
+
+
+def _float(text):
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f'{text!r} is not a number')
+    if value != value or value in (float('inf'), float('-inf')):
+        raise argparse.ArgumentTypeError(f'{text!r} must be a finite number')
+    return value
+
+
+def positive_float(text):
+    value = _float(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f'{value} must be positive')
+    return value
+
+
+def non_negative_float(text):
+    value = _float(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f'{value} must be zero or positive')
+    return value
+
+
+def finite_float(text):
+    return _float(text)
+
+
+# ---------------------------------------------------------------- flag groups
+
+def add_data_args(parser):
+    group = parser.add_argument_group('data')
+    group.add_argument('--dataset', type=str, default='citys', choices=DATASETS, help='dataset name')
+    group.add_argument('--data', type=str, default=None, metavar='DIR',
+                       help="dataset root; overrides the data set's root in settings.py")
+    group.add_argument('--crop-size', type=crop_size, default=(512, 512), metavar='H,W',
+                       help='training crop size: height,width (default: 512,512)')
+    group.add_argument('--workers', '-j', type=non_negative_int, default=8, metavar='N',
+                       help='data loader processes per training process')
+    group.add_argument('--ignore-label', type=int, default=-1, help='label value ignored by the loss')
+    return group
+
+
+def add_optimization_args(parser):
+    group = parser.add_argument_group('optimization')
+    group.add_argument('--batch-size', type=positive_int, default=8, metavar='N',
+                       help='batch size summed over all processes (default: 8)')
+    group.add_argument('--max-iterations', type=positive_int, default=40000, metavar='N',
+                       help='number of training iterations (default: 40000)')
+    group.add_argument('--lr', type=positive_float, default=0.01, metavar='LR',
+                       help='initial learning rate of the poly schedule (default: 0.01)')
+    group.add_argument('--momentum', type=non_negative_float, default=0.9, metavar='M', help='SGD momentum')
+    group.add_argument('--weight-decay', type=non_negative_float, default=1e-4, metavar='W',
+                       help='SGD weight decay')
+    group.add_argument('--seed', type=non_negative_int, default=0,
+                       help='seed of the sample order, the augmentations and the initialisation')
+    group.add_argument('--amp', action='store_true', default=False,
+                       help='mixed precision on GPUs (bf16 where supported, else fp16); ignored on the CPU')
+    return group
+
+
+def add_checkpoint_args(parser):
+    group = parser.add_argument_group('checkpoints, logs and validation')
+    group.add_argument('--save-dir', default='./ckpt', help='directory of the saved checkpoints')
+    group.add_argument('--log-dir', default='./logs/', help='directory of the log file')
+    group.add_argument('--log-iter', type=positive_int, default=50, help='log every N iterations')
+    group.add_argument('--save-per-iters', type=positive_int, default=200000,
+                       help='save the latest checkpoint every N iterations (also saved at each validation '
+                            'and at the end; the resume file is also written every --val-per-iters)')
+    group.add_argument('--val-per-iters', type=positive_int, default=400, help='validate every N iterations')
+    group.add_argument('--skip-val', action='store_true', default=False,
+                       help='no validation during training')
+    group.add_argument('--resume', type=str, default=None, metavar='PATH|auto',
+                       help="continue from a resume file; 'auto' = the run's own resume file in --save-dir "
+                            "(starts fresh when there is none)")
+    return group
+
+
+def add_model_args(parser):
+    """Single-network scripts (train_baseline.py)."""
+    group = parser.add_argument_group('network')
+    group.add_argument('--model', type=str, default='deeplabv3', help='segmentation network')
+    group.add_argument('--backbone', type=str, default='resnet18', help='backbone of the network')
+    group.add_argument('--pretrained-base', type=str, default='./pretrained/resnet18-imagenet.pth',
+                       help="ImageNet backbone checkpoint ('None': random initialisation)")
+    group.add_argument('--pretrained', type=str, default='None',
+                       help="whole-network checkpoint to start from ('None': none)")
+    return group
+
+
+def add_teacher_student_args(parser):
+    """Distillation scripts: a frozen teacher and a trained student."""
+    group = parser.add_argument_group('teacher and student networks')
+    group.add_argument('--teacher-model', type=str, default='deeplabv3', help='teacher network')
+    group.add_argument('--teacher-backbone', type=str, default='resnet101', help='teacher backbone')
+    group.add_argument('--teacher-pretrained', type=str,
+                       default='./ckpt/deeplabv3_resnet101_citys_best_model.pth',
+                       help='trained teacher checkpoint (whole network)')
+    group.add_argument('--teacher-pretrained-base', type=str, default='None',
+                       help='accepted for compatibility; the teacher is loaded from --teacher-pretrained')
+    group.add_argument('--student-model', type=str, default='deeplabv3', help='student network')
+    group.add_argument('--student-backbone', type=str, default='resnet18', help='student backbone')
+    group.add_argument('--student-pretrained-base', type=str, default='./pretrained/resnet18-imagenet.pth',
+                       help="ImageNet backbone checkpoint of the student ('None': random initialisation)")
+    group.add_argument('--student-pretrained', type=str, default='None',
+                       help="whole-network checkpoint to start the student from ('None': none)")
+    return group
+
+
+def build_parser(description, distillation):
+    """The parser with every shared group; a script adds its own method group and calls `parse_args`."""
+    parser = argparse.ArgumentParser(description=description)
+    if distillation:
+        add_teacher_student_args(parser)
+    else:
+        add_model_args(parser)
+    add_data_args(parser)
+    add_optimization_args(parser)
+    add_checkpoint_args(parser)
+    add_launcher_args(parser)
+    return parser
+
+
+# ---------------------------------------------------------------- checks after parsing
+
+def student_names(args):
+    """(model, backbone, pretrained_base, pretrained) of the trained network, for either kind of script."""
+    if hasattr(args, 'student_model'):
+        return args.student_model, args.student_backbone, args.student_pretrained_base, args.student_pretrained
+    return args.model, args.backbone, args.pretrained_base, args.pretrained
+
+
+def _world_size_from_env():
+    try:
+        return int(os.environ.get('WORLD_SIZE', '1') or 1)
+    except ValueError:
+        return 1
+
+
+def _check_network(parser, model, backbone, model_flag, backbone_flag):
+    try:
+        from models.model_zoo import MODEL_BACKBONES
+    except ImportError:  # the model zoo reports unknown names itself when it is built
+        return
+    if model not in MODEL_BACKBONES:
+        parser.error(f'{model_flag} {model!r}: unknown network; choose one of {", ".join(sorted(MODEL_BACKBONES))}')
+    if backbone not in MODEL_BACKBONES[model]:
+        parser.error(f'{backbone_flag} {backbone!r} does not fit {model_flag} {model}; '
+                     f'choose one of {", ".join(MODEL_BACKBONES[model])}')
+
+
+CLASSIFIER_KEYS = ('head.block.4.weight', 'head.classifier.weight')
+
+
+def checkpoint_num_class(path):
+    """Rows of the final classifier of a whole-network checkpoint, or None when the file has none."""
+    from models.checkpoint import read_state_dict
+    state = read_state_dict(path)
+    for key in CLASSIFIER_KEYS:
+        if key in state:
+            return int(state[key].shape[0])
+    return None
+
+
+def _check_checkpoint_classes(parser, path, flag, num_class, dataset):
+    """A whole-network checkpoint must have been trained for the data set's number of classes."""
+    if path in (None, '', 'None'):
+        return
+    if not os.path.isfile(path):
+        parser.error(f'{flag} {path}: no such file')
+    from utils.errors import UserError
+    try:
+        rows = checkpoint_num_class(path)
+    except UserError as error:
+        parser.error(f'{flag}: {error}')
+    if rows is not None and rows != num_class:
+        parser.error(f'{flag} {path} was trained for {rows} classes but --dataset {dataset} has {num_class}; '
+                     'pass a checkpoint trained on this data set')
+
+
+def validate_args(parser, args):
+    """Checks that argparse cannot express; each failure is a `parser.error` (exit status 2)."""
+    world_size = _world_size_from_env()
+    if args.batch_size % world_size != 0:
+        parser.error(f'--batch-size {args.batch_size} is the total over all processes and must be divisible '
+                     f'by their number ({world_size}); use a multiple of {world_size}')
+    if args.resume is not None and args.resume != 'auto' and not os.path.isfile(args.resume):
+        parser.error(f"--resume {args.resume}: no such file (use --resume auto to pick the run's own "
+                     'resume file in --save-dir)')
+
+    model, backbone, pretrained_base, pretrained = student_names(args)
+    distillation = hasattr(args, 'student_model')
+    base_flag = '--student-pretrained-base' if distillation else '--pretrained-base'
+    if pretrained_base not in (None, '', 'None') and pretrained in (None, '', 'None') \
+            and not os.path.isfile(pretrained_base):
+        parser.error(f'{base_flag} {pretrained_base}: no such file (download the ImageNet backbone, or pass '
+                     f'{base_flag} None to start from random weights)')
+    _check_network(parser, model, backbone, '--student-model' if distillation else '--model',
+                   '--student-backbone' if distillation else '--backbone')
+    if distillation:
+        _check_network(parser, args.teacher_model, args.teacher_backbone, '--teacher-model', '--teacher-backbone')
+        if args.teacher_pretrained in (None, '', 'None'):
+            parser.error('--teacher-pretrained is required: distillation needs a trained teacher checkpoint')
+
+    num_class = None
+    try:
+        from dataset import DATASET_INFO
+        num_class = DATASET_INFO[args.dataset].num_class
+    except (ImportError, KeyError, AttributeError):
+        pass
+    if num_class is not None:
+        if distillation:
+            _check_checkpoint_classes(parser, args.teacher_pretrained, '--teacher-pretrained', num_class,
+                                      args.dataset)
+            _check_checkpoint_classes(parser, pretrained, '--student-pretrained', num_class, args.dataset)
+        else:
+            _check_checkpoint_classes(parser, pretrained, '--pretrained', num_class, args.dataset)
+    return args
