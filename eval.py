@@ -23,6 +23,7 @@ from utils.errors import UserError
 from utils.evaluation import ShardSampler, evaluate
 from utils.logger import setup_logger
 from utils.metric import format_iou_table, format_summary
+from utils.options import positive_float
 from utils.palette import cityscapes_trainid_to_labelid, colorize, colorize_rgb
 from utils.visualize import denormalize_image, save_panel
 
@@ -30,16 +31,6 @@ DATASETS = ('citys', 'voc', 'ade20k', 'coco')
 # Panels image | ground truth | prediction are drawn for the images with these first data set indices.
 NUM_PANELS = 4
 COMPLEXITY_INPUT = (1, 3, 512, 512)
-
-
-def positive_float(text):
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f'{text!r} is not a number')
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f'{text} is not positive: scales must be > 0 (e.g. 0.75 1.0 1.25)')
-    return value
 
 
 def build_parser():
