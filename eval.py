@@ -19,7 +19,7 @@ from PIL import Image
 from torch.utils.data import DataLoader
 
 from utils.distributed import add_launcher_args, barrier, cleanup, init_distributed
-from utils.errors import UserError
+from utils.errors import UserError, user_message
 from utils.evaluation import ShardSampler, evaluate
 from utils.logger import setup_logger
 from utils.metric import format_iou_table, format_summary
@@ -163,7 +163,7 @@ def main(argv=None):
         with torch.no_grad():
             run(args)
     except UserError as error:
-        print(f'error: {error}', file=sys.stderr)
+        print(user_message(error), file=sys.stderr)
         return 2
     finally:
         cleanup()

@@ -12,7 +12,7 @@ import sys
 from dataset import DATASET_INFO, _from_settings, resolve_root
 from dataset.lists import format_list, layout_hint, scan_layout
 from dataset.errors import DataError
-from utils.errors import UserError
+from utils.errors import UserError, user_message
 
 
 def make_list(dataset, root, split, out=None):
@@ -52,7 +52,7 @@ def main(argv=None):
     try:
         out, count = make_list(args.dataset, args.root, args.split, args.out)
     except UserError as error:
-        print(f'error: {error}', file=sys.stderr)
+        print(user_message(error), file=sys.stderr)
         return 2
     print(f'wrote {count} {args.split} samples to {out}')
     return 0

@@ -33,7 +33,7 @@ from utils.checkpointing import (BackgroundWriter, ResumeError, capture_rng_stat
                                  checkpoint_paths, checkpoint_stem, load_resume_state, make_resume_state,
                                  plain_state_dict, restore_rng_state)
 from utils.distributed import broadcast_object, cleanup, init_distributed
-from utils.errors import UserError
+from utils.errors import UserError, user_message
 from utils.logger import setup_logger
 from utils.options import student_names
 from utils.samplers import IterationSampler
@@ -69,7 +69,7 @@ def run_script(main, argv=None):
     try:
         main(argv)
     except UserError as error:
-        print(f'error: {error}', file=sys.stderr)
+        print(user_message(error), file=sys.stderr)
         return 2
     except TrainingTerminated as stop:
         print(str(stop), file=sys.stderr)
