@@ -50,19 +50,26 @@ def _load_failure(exc):
     return 'it is not a PyTorch checkpoint (%s: %s)' % (type(exc).__name__, detail[:200] or 'no detail')
 
 
+def safe_load(path, error_type=None, flag='checkpoint'):
+    """torch.load(path, weights_only=True) on the CPU; a missing file, or one that is not a checkpoint
+    or would run code, raises `error_type` (CheckpointError) with one line naming `flag` and the file."""
+    error_type = error_type or CheckpointError
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        what = 'is a directory, not a file' if os.path.isdir(path) else 'does not exist'
+        raise error_type('%s %s %s' % (flag, path, what))
+    try:
+        return torch.load(path, map_location='cpu', weights_only=True)
+    except Exception as exc:  # any failure to unpickle means "not a file we accept"
+        raise error_type('cannot read %s %s: %s' % (flag, path, _load_failure(exc))) from None
+
+
 def read_state_dict(path):
     """The state dict stored in `path` (tensors on the CPU), without a DistributedDataParallel
     `module.` prefix. A plain state dict is the format; a dict that wraps one under 'state_dict' or
     'model' (a training checkpoint) is accepted too. Anything else raises CheckpointError naming the
     file; nothing in the file is executed."""
-    path = os.fspath(path)
-    if not os.path.isfile(path):
-        what = 'is a directory, not a file' if os.path.isdir(path) else 'does not exist'
-        raise CheckpointError('checkpoint %s %s' % (path, what))
-    try:
-        obj = torch.load(path, map_location='cpu', weights_only=True)
-    except Exception as exc:  # any failure to unpickle means "not a checkpoint we accept"
-        raise CheckpointError('cannot read checkpoint %s: %s' % (path, _load_failure(exc))) from None
+    obj = safe_load(path)
     state = obj
     if isinstance(obj, Mapping) and not _is_tensor_mapping(obj):
         for wrapper in ('state_dict', 'model'):

@@ -181,13 +181,8 @@ def make_resume_state(method, iteration, student_state, extra, optimizer, best_m
 
 def load_resume_state(path):
     """Read and sanity-check a resume file (never runs code from the file)."""
-    try:
-        state = torch.load(path, map_location='cpu', weights_only=True)
-    except FileNotFoundError:
-        raise ResumeError(f'--resume {path}: no such file')
-    except Exception as error:  # a truncated file, a pickle with code, another format
-        raise ResumeError(f'--resume {path}: not a readable resume file ({type(error).__name__}: {error}); '
-                          'resume from the `*_resume.pth` file written by training')
+    from models.checkpoint import safe_load
+    state = safe_load(path, ResumeError, flag='--resume')
     if not isinstance(state, dict) or state.get('format') != RESUME_FORMAT:
         raise ResumeError(f'--resume {path}: not a resume file written by this training code (a plain '
                           'checkpoint goes to --pretrained / --student-pretrained instead)')
