@@ -9,6 +9,7 @@ checkpoint trained for another number of classes.
 import argparse
 import os
 
+from models.checkpoint import no_file
 from utils.distributed import add_launcher_args
 
 DATASETS = ('citys', 'voc', 'ade20k', 'coco')
@@ -216,7 +217,7 @@ def checkpoint_num_class(path):
 
 def _check_checkpoint_classes(parser, path, flag, num_class, dataset):
     """A whole-network checkpoint must have been trained for the data set's number of classes."""
-    if path in (None, '', 'None'):
+    if no_file(path):
         return
     if not os.path.isfile(path):
         parser.error(f'{flag} {path}: no such file')
@@ -243,7 +244,7 @@ def validate_args(parser, args):
     model, backbone, pretrained_base, pretrained = student_names(args)
     distillation = hasattr(args, 'student_model')
     base_flag = '--student-pretrained-base' if distillation else '--pretrained-base'
-    if pretrained_base not in (None, '', 'None') and pretrained in (None, '', 'None') \
+    if not no_file(pretrained_base) and no_file(pretrained) \
             and not os.path.isfile(pretrained_base):
         parser.error(f'{base_flag} {pretrained_base}: no such file (download the ImageNet backbone, or pass '
                      f'{base_flag} None to start from random weights)')
@@ -251,20 +252,15 @@ def validate_args(parser, args):
                    '--student-backbone' if distillation else '--backbone')
     if distillation:
         _check_network(parser, args.teacher_model, args.teacher_backbone, '--teacher-model', '--teacher-backbone')
-        if args.teacher_pretrained in (None, '', 'None'):
+        if no_file(args.teacher_pretrained):
             parser.error('--teacher-pretrained is required: distillation needs a trained teacher checkpoint')
 
-    num_class = None
-    try:
-        from dataset import DATASET_INFO
-        num_class = DATASET_INFO[args.dataset].num_class
-    except (ImportError, KeyError, AttributeError):
-        pass
-    if num_class is not None:
-        if distillation:
-            _check_checkpoint_classes(parser, args.teacher_pretrained, '--teacher-pretrained', num_class,
-                                      args.dataset)
-            _check_checkpoint_classes(parser, pretrained, '--student-pretrained', num_class, args.dataset)
-        else:
-            _check_checkpoint_classes(parser, pretrained, '--pretrained', num_class, args.dataset)
+    # A checkpoint for another class count is refused here, before any work (the loop relies on it).
+    from dataset import DATASET_INFO
+    num_class = DATASET_INFO[args.dataset].num_class
+    if distillation:
+        _check_checkpoint_classes(parser, args.teacher_pretrained, '--teacher-pretrained', num_class, args.dataset)
+        _check_checkpoint_classes(parser, pretrained, '--student-pretrained', num_class, args.dataset)
+    else:
+        _check_checkpoint_classes(parser, pretrained, '--pretrained', num_class, args.dataset)
     return args

@@ -128,15 +128,6 @@ def _build_network(model, backbone, num_class, aux, norm_layer, pretrained, pret
                                   local_rank=local_rank)
 
 
-def _check_classes(path, flag, num_class, dataset):
-    """A teacher trained for another number of classes: say so, instead of a shape mismatch."""
-    from utils.options import checkpoint_num_class
-    rows = checkpoint_num_class(path)
-    if rows is not None and rows != num_class:
-        raise UserError(f'{flag} {path} was trained for {rows} classes but --dataset {dataset} has {num_class}; '
-                        'pass a checkpoint trained on this data set')
-
-
 # ---------------------------------------------------------------- SIGTERM, agreed by all processes
 
 class StopSignal:
@@ -303,7 +294,6 @@ class Trainer:
                                  self.pretrained, self.pretrained_base, ctx.local_rank).to(self.device)
         teacher = None
         if hasattr(args, 'teacher_model'):
-            _check_classes(args.teacher_pretrained, '--teacher-pretrained', self.num_class, args.dataset)
             teacher = _build_network(args.teacher_model, args.teacher_backbone, self.num_class, True,
                                      nn.BatchNorm2d, args.teacher_pretrained, 'None', ctx.local_rank)
             teacher = teacher.to(self.device).eval()
