@@ -507,7 +507,7 @@ class Trainer:
         with self._autocast():
             t_outputs = None
             if self.teacher is not None:
-                with torch.no_grad():
+                with torch.inference_mode():  # frozen teacher: no autograd bookkeeping at all
                     t_outputs = self.teacher(images)
             terms = self.train_module(images, labels, t_outputs)
             loss = sum(terms.values())
