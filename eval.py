@@ -118,13 +118,11 @@ def run(args):
                           filename=f'{name}_{args.split}.txt', mode='a+')
     logger.info('eval.py arguments: %s', ', '.join(f'{k}={v}' for k, v in sorted(vars(args).items())))
 
-    from dataset import DATASET_INFO, build_dataset
+    from dataset import DATASET_INFO, build_dataset, check_ignore_label
 
     info = DATASET_INFO[args.dataset]
     num_class = info.num_class
-    if 0 <= args.ignore_label < num_class:
-        raise UserError(f'--ignore-label {args.ignore_label} is a class of {args.dataset} '
-                        f'(0..{num_class - 1}); use a negative value (default -1) or one >= {num_class}')
+    check_ignore_label(args.dataset, args.ignore_label)
     dataset_kwargs = {'ignore_label': args.ignore_label} if args.split == 'val' else {}
     dataset = build_dataset(args.dataset, args.split, data_root=args.data, **dataset_kwargs)
     if len(dataset) == 0:

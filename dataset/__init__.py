@@ -7,7 +7,7 @@ from dataset.datasets import (CITYSCAPES_LABELID_TO_TRAINID, CITYSCAPES_TRAINID_
                               ADETrainSet, ADEValSet, COCOTrainSet, COCOValSet, CSTestSet, CSTrainValSet,
                               CSValSet, DataError, VOCDataSet, VOCDataValSet)
 
-__all__ = ['DATASET_INFO', 'DatasetInfo', 'build_dataset', 'resolve_root', 'DataError', 'MEAN_BGR',
+__all__ = ['DATASET_INFO', 'DatasetInfo', 'build_dataset', 'resolve_root', 'check_ignore_label', 'DataError', 'MEAN_BGR',
            'CITYSCAPES_LABELID_TO_TRAINID', 'CITYSCAPES_TRAINID_TO_LABELID']
 
 _REPO_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -51,6 +51,14 @@ def _from_settings(path):
     # Relative paths in settings.py are relative to the repository (where settings.py lives).
     path = os.path.expanduser(path)
     return path if os.path.isabs(path) else os.path.normpath(os.path.join(_REPO_DIR, path))
+
+
+def check_ignore_label(name, ignore_label):
+    """The ignore value must not be a class of the data set (it would silently drop that class)."""
+    num_class = _info(name).num_class
+    if 0 <= ignore_label < num_class:
+        raise DataError(f'--ignore-label {ignore_label} is a class of {name} (0..{num_class - 1}); use a '
+                        f'negative value (default -1) or one >= {num_class}')
 
 
 def resolve_root(name, data_root=None, flag='--data'):

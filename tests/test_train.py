@@ -306,6 +306,7 @@ FLAG_ERRORS = [
     ('train_baseline', ['--batch-size', '0'], '--batch-size'),
     ('train_baseline', ['--max-iterations', '-5'], '--max-iterations'),
     ('train_baseline', ['--lr', '0'], '--lr'),
+    ('train_baseline', ['--ignore-label', '5'], '--ignore-label'),
     ('train_cwd', ['--lr', 'nan'], '--lr'),
     ('train_baseline', ['--log-iter', '0'], '--log-iter'),
     ('train_baseline', ['--val-per-iters', '0'], '--val-per-iters'),

@@ -11,6 +11,7 @@ import os
 
 from models.checkpoint import no_file
 from utils.distributed import add_launcher_args
+from utils.errors import UserError
 
 DATASETS = ('citys', 'voc', 'ade20k', 'coco')
 
@@ -221,7 +222,6 @@ def _check_checkpoint_classes(parser, path, flag, num_class, dataset):
         return
     if not os.path.isfile(path):
         parser.error(f'{flag} {path}: no such file')
-    from utils.errors import UserError
     try:
         rows = checkpoint_num_class(path)
     except UserError as error:
@@ -256,8 +256,12 @@ def validate_args(parser, args):
             parser.error('--teacher-pretrained is required: distillation needs a trained teacher checkpoint')
 
     # A checkpoint for another class count is refused here, before any work (the loop relies on it).
-    from dataset import DATASET_INFO
+    from dataset import DATASET_INFO, check_ignore_label
     num_class = DATASET_INFO[args.dataset].num_class
+    try:
+        check_ignore_label(args.dataset, args.ignore_label)
+    except UserError as error:
+        parser.error(str(error))
     if distillation:
         _check_checkpoint_classes(parser, args.teacher_pretrained, '--teacher-pretrained', num_class, args.dataset)
         _check_checkpoint_classes(parser, pretrained, '--student-pretrained', num_class, args.dataset)
