@@ -61,6 +61,10 @@ RUNS = [
 ]
 
 
+class DemoStepFailed(Exception):
+    """A script the demo runs exited with an error (its message says which)."""
+
+
 def say(message):
     print(f'[demo {time.strftime("%H:%M:%S")}] {message}', flush=True)
 
@@ -94,7 +98,9 @@ class Demo:
             f.write('ok\n')
 
     def checkpoint(self, method, model, backbone):
-        return os.path.join(self.ckpt, f'{method}_{model}_{backbone}_citys.pth')
+        """The latest checkpoint the training script writes, by the name training gives it."""
+        from utils.checkpointing import checkpoint_paths, checkpoint_stem
+        return checkpoint_paths(self.ckpt, checkpoint_stem(method, model, backbone, 'citys'))['latest']
 
     def train(self, title, script, method, net):
         model, backbone = net
@@ -146,12 +152,16 @@ class Demo:
     def run(self, cmd, capture=False):
         shown = ' '.join(os.path.relpath(c, REPO) if c.startswith(REPO + os.sep) else c for c in cmd[1:])
         say(f'$ python {shown}')
-        if not capture:
-            subprocess.run(cmd, cwd=REPO, env=self.env, check=True)
-            return ''
-        proc = subprocess.run(cmd, cwd=REPO, env=self.env, check=True, stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, text=True)
-        return proc.stdout
+        proc = subprocess.run(cmd, cwd=REPO, env=self.env, text=True,
+                              stdout=subprocess.PIPE if capture else None,
+                              stderr=subprocess.STDOUT if capture else None)
+        if proc.returncode != 0:
+            output = (proc.stdout or '').strip()
+            script = next((c for c in cmd if c.endswith('.py')), cmd[0])
+            raise DemoStepFailed(f'{script} failed '
+                                 f'(exit status {proc.returncode})' + (f':\n{output[-3000:]}' if output else
+                                                                       ' (its messages are above)'))
+        return proc.stdout or ''
 
     # ---- the story ------------------------------------------------------------------------------
     def table(self, results):
@@ -221,6 +231,16 @@ def main(argv=None):
     parser.add_argument('--smoke', action='store_true', help='smallest sizes, for the tests')
     args = parser.parse_args(argv)
 
+    if args.nproc < 1:
+        parser.error('--nproc must be at least 1')
+    try:
+        return run_demo(args)
+    except DemoStepFailed as error:
+        print(f'demo: {error}', file=sys.stderr)
+        return 1
+
+
+def run_demo(args):
     start = time.time()
     if args.fresh:
         shutil.rmtree(args.out, ignore_errors=True)
