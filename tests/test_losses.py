@@ -8,7 +8,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from bench.bench_losses import original_hwd_loss
+from tests.reference.hwd import original_hwd_loss
 from losses import (CriterionCWD, CriterionHWD, FeatureAdapter, LossSettingError, SegCrossEntropyLoss)
 from losses.channel import channel_distance, channel_kl
 from losses.hwd_loss import class_pixel_counts, resize_labels_nearest
