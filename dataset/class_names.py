@@ -64,10 +64,3 @@ _COCO_STUFF = [
     'window-other', 'wood',
 ]
 COCO_STUFF_CLASSES = _COCO_THINGS + _COCO_STUFF
-# Output indices that never occur in the labels (the unused thing ids).
-COCO_STUFF_UNUSED = [i for i, name in enumerate(COCO_STUFF_CLASSES) if name.endswith('(unused)')]
-
-assert len(CITYSCAPES_CLASSES) == 19
-assert len(VOC_CLASSES) == 21
-assert len(ADE20K_CLASSES) == 150
-assert len(COCO_STUFF_CLASSES) == 182 and len(COCO_STUFF_UNUSED) == 11

@@ -1,4 +1,5 @@
-"""The nine data set classes of the original code (SPEC 2), on one shared base.
+"""The data set classes of the original code, on one shared base, and the folder data set for a user's own
+data.
 
 Items are `(image, label, name)`: image float32 CHW in BGR order minus MEAN_BGR (no std), label int64
 HW with `ignore_label` (-1) for ignored pixels, name = the image file's name without its extension.
@@ -6,6 +7,11 @@ HW with `ignore_label` (-1) for ignored pixels, name = the image file's name wit
 Training samples follow the original transform (random scale 0.5..2.0 in steps of 0.1, bilinear image,
 nearest label, pad bottom/right to the crop, random crop, horizontal flip), but only the source region
 that lands in the crop window is resampled, so the cost does not grow with the full 2048x1024 image.
+
+The random draws of a training sample come from a generator seeded by the sample's key: the training
+sampler hands `(index, seed)` pairs whose seed depends only on `--seed` and the sample's place in the run
+(`utils.seeding.sample_seed`), so the samples do not depend on the number of loader workers or on a
+restart. A plain integer index draws its seed from torch's global generator.
 """
 import logging
 import math
@@ -23,10 +29,12 @@ from utils.errors import UserError
 __all__ = [
     'MEAN_BGR', 'DataError', 'CITYSCAPES_LABELID_TO_TRAINID', 'CITYSCAPES_TRAINID_TO_LABELID',
     'CSTrainValSet', 'CSValSet', 'CSTestSet', 'VOCDataSet', 'VOCDataValSet', 'ADETrainSet', 'ADEValSet',
-    'COCOTrainSet', 'COCOValSet', 'SampleParams', 'draw_sample_params', 'scale_crop_flip',
+    'COCOTrainSet', 'COCOValSet', 'VOCDataTestSet', 'ADETestSet', 'COCOTestSet', 'FolderTrainSet',
+    'FolderValSet', 'FolderTestSet', 'SampleParams', 'draw_sample_params', 'scale_crop_flip',
+    'read_class_names',
 ]
 
-logger = logging.getLogger('dataset')
+logger = logging.getLogger(__name__)
 
 # Per-channel mean of the original code, in B, G, R order.
 MEAN_BGR = (104.00698793, 116.66876762, 122.67891434)
@@ -167,29 +175,12 @@ def whole_image(image, raw_label, label_lut):
     return out_image, out_label
 
 
-def _mix_seed(base, index):
-    """A 63-bit seed from (base seed, sample index): splitmix64 finaliser, so near seeds decorrelate."""
-    mask = (1 << 64) - 1
-    x = (base * 0x9E3779B97F4A7C15 + index + 1) & mask
-    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & mask
-    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & mask
-    return (x ^ (x >> 31)) >> 1
-
-
-def sample_generator(index):
-    """A torch.Generator for sample `index`, reproducible under torch.manual_seed(--seed).
-
-    In a DataLoader worker, the seed comes from the loader's base seed (shared by all its workers,
-    drawn from the main process's RNG) and the index, so the samples do not depend on how many workers
-    there are. In the main process (workers=0), the seed is drawn from torch's global RNG.
-    """
-    info = data.get_worker_info()
-    if info is not None:
-        base = info.seed - info.id
-    else:
-        base = int(torch.randint(0, 2 ** 62, (1,)))
+def _sample_generator(seed):
+    """The generator of one training sample's draws: `seed`, or one drawn from torch's global generator."""
+    if seed is None:
+        seed = int(torch.randint(0, 2 ** 62, (1,)))
     generator = torch.Generator()
-    generator.manual_seed(_mix_seed(base, index))
+    generator.manual_seed(seed)
     return generator
 
 
@@ -241,7 +232,6 @@ class _SegmentationSet(data.Dataset):
                             f'({lists.layout_hint(self.key, self.split)})')
         _check_files_exist(entries, source, self.root)
 
-        self.img_ids = entries
         if max_iters:
             repeats = -(-int(max_iters) // len(entries))
             entries = (entries * repeats)[:int(max_iters)]
@@ -277,11 +267,13 @@ class _SegmentationSet(data.Dataset):
             raise DataError(f'label {path} holds values {values} outside the legal raw values of '
                             f'{self.key} ({legal}); is it the right label file?')
 
-    def __getitem__(self, index):
+    def __getitem__(self, key):
+        """key: an index, or (index, seed) whose seed fixes the random draws of a training sample."""
+        index, seed = key if isinstance(key, tuple) else (key, None)
         image, raw_label, name = self._read(index)
         if self.train:
             params = draw_sample_params(image.shape[1], image.shape[2], (self.crop_h, self.crop_w),
-                                        self.is_scale, self.is_mirror, sample_generator(index))
+                                        self.is_scale, self.is_mirror, _sample_generator(seed))
             out_image, out_label = scale_crop_flip(image, raw_label, params, (self.crop_h, self.crop_w),
                                                    self.label_lut, self.ignore_label)
         else:
@@ -330,7 +322,7 @@ def _check_files_exist(entries, source, root, shown=5):
 
 def _lut_from(pairs, ignore_label):
     lut = torch.full((256,), ignore_label, dtype=torch.int64)
-    raw, mapped = zip(*pairs)
+    raw, mapped = zip(*pairs, strict=True)
     lut[list(raw)] = torch.tensor(mapped, dtype=torch.int64)
     return lut
 
@@ -380,6 +372,30 @@ class _COCOStuff:
         return _lut_from([(k, k) for k in range(182)], ignore_label)
 
 
+class _Folder:
+    """A user's own data set (`--dataset folder --data DIR`): DIR/classes.txt names the classes, one a line;
+    labels hold class ids 0..C-1, and 255 for ignored pixels."""
+    key = 'folder'
+    legal_extra = (255,)
+
+    def _read_classes(self, root):
+        self.class_names = read_class_names(root)
+        self.num_class = len(self.class_names)
+        self.legal_max = self.num_class - 1
+
+    def _label_mapping(self, ignore_label):
+        return _lut_from([(k, k) for k in range(self.num_class)], ignore_label)
+
+
+class _TestSet(_SegmentationSet):
+    """Images without labels (a test split): the label of every item is all ignore."""
+    labelled = False
+    split = 'test'
+
+    def __init__(self, root, list_path, ignore_label=-1):
+        self._setup(root, list_path, False, ignore_label=ignore_label)
+
+
 class CSTrainValSet(_Cityscapes, _TrainingSet):
     """Cityscapes training set (list lines: `<image> <labelIds png>`)."""
     split = 'train'
@@ -390,10 +406,8 @@ class CSValSet(_Cityscapes, _ValidationSet):
     split = 'val'
 
 
-class CSTestSet(_Cityscapes, _ValidationSet):
-    """Cityscapes test set: image paths only; the label is all ignore."""
-    split = 'test'
-    labelled = False
+class CSTestSet(_Cityscapes, _TestSet):
+    """Cityscapes test set: image paths only."""
 
 
 class VOCDataSet(_VOC, _TrainingSet):
@@ -405,6 +419,10 @@ class VOCDataValSet(_VOC, _ValidationSet):
     split = 'val'
 
 
+class VOCDataTestSet(_VOC, _TestSet):
+    """Pascal VOC 2012 test images (list lines: `<id>`, images in JPEGImages/)."""
+
+
 class ADETrainSet(_ADE20K, _TrainingSet):
     split = 'train'
 
@@ -413,9 +431,67 @@ class ADEValSet(_ADE20K, _ValidationSet):
     split = 'val'
 
 
+class ADETestSet(_ADE20K, _TestSet):
+    """ADE20K test images (release_test/testing/ of the SceneParsing challenge; settings.py DATA_ADE20K_TEST)."""
+
+
 class COCOTrainSet(_COCOStuff, _TrainingSet):
     split = 'train'
 
 
 class COCOValSet(_COCOStuff, _ValidationSet):
     split = 'val'
+
+
+class COCOTestSet(_COCOStuff, _TestSet):
+    """COCO-Stuff test images (settings.py DATA_COCO_TEST)."""
+
+
+class FolderTrainSet(_Folder, _TrainingSet):
+    split = 'train'
+
+    def __init__(self, root, list_path=None, **kwargs):
+        self._read_classes(root)
+        super().__init__(root, list_path, **kwargs)
+
+
+class FolderValSet(_Folder, _ValidationSet):
+    split = 'val'
+
+    def __init__(self, root, list_path=None, ignore_label=-1):
+        self._read_classes(root)
+        super().__init__(root, list_path, ignore_label)
+
+
+class FolderTestSet(_Folder, _TestSet):
+    def __init__(self, root, list_path=None, ignore_label=-1):
+        self._read_classes(root)
+        super().__init__(root, list_path, ignore_label)
+
+
+CLASSES_FILE = 'classes.txt'
+
+
+def read_class_names(root):
+    """The class names of a folder data set: the non-empty lines of `root/classes.txt`, in class-id order."""
+    root = os.fspath(root)
+    if not os.path.isdir(root):
+        raise DataError(f'data root {root} does not exist (or is not a folder); pass the folder of your data '
+                        'set with --data DIR')
+    path = os.path.join(root, CLASSES_FILE)
+    if not os.path.isfile(path):
+        raise DataError(f'{path} is missing: a folder data set (--dataset folder) names its classes there, '
+                        'one a line, class id 0 first')
+    try:
+        with open(path, encoding='utf-8') as handle:
+            names = [line.strip() for line in handle if line.strip()]
+    except (OSError, UnicodeDecodeError) as error:
+        raise DataError(f'cannot read {path}: {error}') from None
+    if not names:
+        raise DataError(f'{path} names no class: write one class name a line, class id 0 first')
+    if len(names) > 255:
+        raise DataError(f'{path} names {len(names)} classes; label PNGs hold ids 0..254 (255 is ignored)')
+    duplicates = sorted({name for name in names if names.count(name) > 1})
+    if duplicates:
+        raise DataError(f'{path} names {", ".join(duplicates)} more than once; every line is one class')
+    return names

@@ -1,25 +1,29 @@
 """List files: reading them, and building them by scanning a data set's standard layout.
 
 A list line names one sample: `<image path> <label path>` separated by a tab or spaces (paths relative
-to the data root), or an id (VOC always; COCO-Stuff and ADE20K lists of the original also use ids).
-A Cityscapes test list holds image paths only.
+to the data root), or a sample id (VOC always; ADE20K, COCO-Stuff and folder lists may use ids too).
+Test lists (no labels) hold image paths or ids only.
 """
 import glob
 import os
 
 from dataset.errors import DataError
 
-DATASETS = ('citys', 'voc', 'ade20k', 'coco')
-SPLITS = ('train', 'val', 'test')
+IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png')
 
-# Folder of each split under images/ and annotations/ (ADE20K, COCO-Stuff) or leftImg8bit/, gtFine/.
+# Folder of each split under images/ and annotations/ (ADE20K, COCO-Stuff), leftImg8bit/ and gtFine/
+# (Cityscapes) or images/ and labels/ (a folder data set). The ADE20K and COCO-Stuff test roots
+# (DATA_ADE20K_TEST, DATA_COCO_TEST in settings.py) hold their images directly: folder ''.
 _SPLIT_FOLDERS = {
     'citys': {'train': 'train', 'val': 'val', 'test': 'test'},
-    'ade20k': {'train': 'training', 'val': 'validation'},
-    'coco': {'train': 'train2017', 'val': 'val2017'},
-    'voc': {'train': 'train', 'val': 'val'},
+    'ade20k': {'train': 'training', 'val': 'validation', 'test': ''},
+    'coco': {'train': 'train2017', 'val': 'val2017', 'test': ''},
+    'voc': {'train': 'train', 'val': 'val', 'test': 'test'},
+    'folder': {'train': 'train', 'val': 'val', 'test': 'test'},
 }
-VOC_VAL_IDS = os.path.join('ImageSets', 'Segmentation', 'val.txt')
+# VOC 2012's lists of ids; scanning uses them to split the augmented set into train_aug / val / test.
+VOC_ID_FILES = {'val': os.path.join('ImageSets', 'Segmentation', 'val.txt'),
+                'test': os.path.join('ImageSets', 'Segmentation', 'test.txt')}
 
 
 def _split_folder(key, split):
@@ -33,22 +37,33 @@ def _split_folder(key, split):
 def layout_hint(key, split):
     """Where scanning looks for the samples of a split, for error messages."""
     folder = _SPLIT_FOLDERS.get(key, {}).get(split, split)
+    if split == 'test' and key in ('ade20k', 'coco'):
+        return '*.jpg directly under the test root'
     return {
         'citys': f'leftImg8bit/{folder}/<city>/*_leftImg8bit.png with gtFine/{folder}/<city>/*_gtFine_labelIds.png',
-        'voc': f'SegmentationClassAug/<id>.png with JPEGImages/<id>.jpg, split by {VOC_VAL_IDS}',
+        'voc': f'SegmentationClassAug/<id>.png with JPEGImages/<id>.jpg, split by {VOC_ID_FILES["val"]}'
+               if split != 'test' else f'JPEGImages/<id>.jpg for the ids of {VOC_ID_FILES["test"]}',
         'ade20k': f'images/{folder}/*.jpg with annotations/{folder}/*.png',
         'coco': f'images/{folder}/*.jpg with annotations/{folder}/*.png',
+        'folder': f'images/{folder}/<name>.jpg|png with labels/{folder}/<name>.png',
     }.get(key, '?')
 
 
-def _id_paths(key, split, sample_id):
-    """(image, label) relative paths of a sample given by its id."""
+def _id_paths(key, root, split, sample_id, labelled):
+    """(image, label or None) relative paths of a sample given by its id."""
     if key == 'voc':
         return (os.path.join('JPEGImages', sample_id + '.jpg'),
-                os.path.join('SegmentationClassAug', sample_id + '.png'))
+                os.path.join('SegmentationClassAug', sample_id + '.png') if labelled else None)
     folder = _split_folder(key, split)
+    if key == 'folder':
+        image = next((os.path.join('images', folder, sample_id + ext) for ext in IMAGE_EXTENSIONS
+                      if os.path.isfile(os.path.join(root, 'images', folder, sample_id + ext))),
+                     os.path.join('images', folder, sample_id + '.jpg'))
+        return image, os.path.join('labels', folder, sample_id + '.png') if labelled else None
+    if split == 'test':
+        return sample_id + '.jpg', None
     return (os.path.join('images', folder, sample_id + '.jpg'),
-            os.path.join('annotations', folder, sample_id + '.png'))
+            os.path.join('annotations', folder, sample_id + '.png') if labelled else None)
 
 
 def _resolve(root, path):
@@ -56,6 +71,10 @@ def _resolve(root, path):
     if os.path.isabs(path) and os.path.exists(path):
         return path
     return os.path.join(root, path.lstrip('/'))
+
+
+def _is_image_path(token):
+    return os.path.splitext(token)[1].lower() in IMAGE_EXTENSIONS
 
 
 def read_list(key, root, list_path, split, labelled=True):
@@ -74,40 +93,52 @@ def read_list(key, root, list_path, split, labelled=True):
         if len(fields) > 2:
             raise DataError(f'line {number} of list file {list_path} has {len(fields)} fields; expected '
                             f'"<image> <label>" separated by a tab or spaces (tab-separate paths with spaces)')
-        if len(fields) == 1 and labelled:
-            token = fields[0]
-            if key == 'citys' or os.path.splitext(token)[1].lower() in ('.png', '.jpg', '.jpeg'):
-                raise DataError(f'line {number} of list file {list_path} names one file ({token}); '
+        token = fields[0]
+        if len(fields) == 2:
+            image, label = token, (fields[1] if labelled else None)
+        elif key == 'voc' or not _is_image_path(token):
+            if key == 'citys':
+                raise DataError(f'line {number} of list file {list_path} names no image file ({token}); '
                                 f'expected "<image> <label>"')
-            image, label = _id_paths(key, split, token)
-        elif len(fields) == 1:
-            image, label = fields[0], None
+            image, label = _id_paths(key, root, split, token, labelled)
+        elif labelled:
+            raise DataError(f'line {number} of list file {list_path} names one file ({token}); '
+                            f'expected "<image> <label>"')
         else:
-            image, label = fields[0], (fields[1] if labelled else None)
+            image, label = token, None
         entries.append((_resolve(root, image), None if label is None else _resolve(root, label)))
     return entries
+
+
+def _glob(root, *parts):
+    return sorted(glob.glob(os.path.join(glob.escape(root), *parts)))
 
 
 def scan_layout(key, root, split, labelled=True):
     """[(image path, label path or None)] found in the standard layout of the split, sorted."""
     if key == 'voc':
-        return _scan_voc(root, split)
+        return _scan_voc(root, split, labelled)
     folder = _split_folder(key, split)
     if key == 'citys':
-        images = sorted(glob.glob(os.path.join(glob.escape(root), 'leftImg8bit', folder, '*',
-                                               '*_leftImg8bit.png')))
         entries = []
-        for image in images:
+        for image in _glob(root, 'leftImg8bit', folder, '*', '*_leftImg8bit.png'):
             city = os.path.basename(os.path.dirname(image))
             stem = os.path.basename(image)[:-len('_leftImg8bit.png')]
             label = os.path.join(root, 'gtFine', folder, city, stem + '_gtFine_labelIds.png')
             entries.append((image, label if labelled else None))
         return entries
-    # ADE20K and COCO-Stuff: images/<split>/<name>.jpg, annotations/<split>/<name>.png
-    images = sorted(glob.glob(os.path.join(glob.escape(root), 'images', folder, '*.jpg')))
-    return [(image, os.path.join(root, 'annotations', folder,
-                                 os.path.splitext(os.path.basename(image))[0] + '.png') if labelled else None)
-            for image in images]
+    if key == 'folder':
+        images = [p for p in _glob(root, 'images', folder, '*') if _is_image_path(p)]
+        return [(image, os.path.join(root, 'labels', folder, _stem(image) + '.png') if labelled else None)
+                for image in images]
+    if split == 'test':  # ADE20K / COCO-Stuff test roots hold the images themselves
+        return [(image, None) for image in _glob(root, '*.jpg')]
+    return [(image, os.path.join(root, 'annotations', folder, _stem(image) + '.png') if labelled else None)
+            for image in _glob(root, 'images', folder, '*.jpg')]
+
+
+def _stem(path):
+    return os.path.splitext(os.path.basename(path))[0]
 
 
 def _read_ids(path):
@@ -115,23 +146,19 @@ def _read_ids(path):
         return [line.split()[0] for line in handle if line.strip()]
 
 
-def _scan_voc(root, split):
-    # The augmented training set is every SBD/VOC label except the VOC 2012 validation images.
-    val_file = os.path.join(root, VOC_VAL_IDS)
-    if split not in ('train', 'val'):
-        raise DataError(f'data set voc has no {split} split here (choose from train, val)')
-    if not os.path.isfile(val_file):
-        raise DataError(f'cannot build the VOC {split} list by scanning {root}: {val_file} (the '
-                        f'validation ids) is missing; give list files (settings.py DATALIST_VOC_TRAIN, '
-                        f'DATALIST_VOC_VAL)')
-    val_ids = _read_ids(val_file)
-    if split == 'val':
-        ids = val_ids
-    else:
-        excluded = set(val_ids)
-        labels = glob.glob(os.path.join(glob.escape(root), 'SegmentationClassAug', '*.png'))
-        ids = sorted(i for i in (os.path.splitext(os.path.basename(p))[0] for p in labels) if i not in excluded)
-    return [tuple(os.path.join(root, p) for p in _id_paths('voc', split, i)) for i in ids]
+def _scan_voc(root, split, labelled):
+    _split_folder('voc', split)
+    id_file = os.path.join(root, VOC_ID_FILES['test' if split == 'test' else 'val'])
+    if not os.path.isfile(id_file):
+        raise DataError(f'cannot build the VOC {split} list by scanning {root}: {id_file} is missing; give '
+                        f'list files (settings.py DATALIST_VOC_TRAIN, DATALIST_VOC_VAL, DATALIST_VOC_TEST)')
+    ids = _read_ids(id_file)
+    if split == 'train':
+        # The augmented training set is every SBD/VOC label except the VOC 2012 validation images.
+        excluded = set(ids)
+        ids = sorted(i for i in map(_stem, _glob(root, 'SegmentationClassAug', '*.png')) if i not in excluded)
+    return [tuple(None if p is None else os.path.join(root, p) for p in _id_paths('voc', root, split, i, labelled))
+            for i in ids]
 
 
 def format_list(key, root, entries):
@@ -140,7 +167,7 @@ def format_list(key, root, entries):
     for image, label in entries:
         rel_image = os.path.relpath(image, root)
         if key == 'voc':
-            lines.append(os.path.splitext(os.path.basename(rel_image))[0])
+            lines.append(_stem(rel_image))
         elif label is None:
             lines.append(rel_image)
         else:

@@ -17,7 +17,8 @@ import numpy as np
 from PIL import Image
 
 from dataset.class_names import ADE20K_CLASSES, COCO_STUFF_CLASSES
-from utils.errors import UserError
+from utils.errors import UserError, run_main
+from utils.palette import bit_colormap
 
 # Scene classes of the generator (indices into the tables below).
 SKY, ROAD, SIDEWALK, BUILDING, VEGETATION, CAR, PERSON, POLE, TERRAIN, VOID = range(10)
@@ -65,14 +66,8 @@ _CLOTHES_COLOURS = np.array([(180, 40, 60), (40, 40, 120), (230, 200, 80), (60, 
 _SPLIT_CODES = {'train': 1, 'val': 2, 'test': 3}
 
 
-def _voc_palette():
-    """The standard Pascal VOC colour map (bit-interleaved class index), 256 entries."""
-    index = np.arange(256)
-    palette = np.zeros((256, 3), dtype=np.uint8)
-    for bit in range(8):
-        for channel in range(3):
-            palette[:, channel] |= (((index >> (3 * bit + channel)) & 1) << (7 - bit)).astype(np.uint8)
-    return palette
+def _ellipse(xs, ys, cx, cy, rx, ry):
+    return ((xs - cx) / rx) ** 2 + ((ys - cy) / ry) ** 2 < 1
 
 
 def make_scene(size, rng, noise=9.0):
@@ -143,8 +138,8 @@ def make_scene(size, rng, noise=9.0):
             person_h = max(4.0, 0.7 * d * (height - horizon) + 3)
             side = rng.choice((-1.0, 1.0))
             cx = vanish_x + side * d * width * rng.uniform(0.4, 0.6) * 1.15
-            torso = ((xs - cx) / (person_h * 0.16)) ** 2 + ((ys - (bottom - person_h * 0.55)) / (person_h * 0.45)) ** 2 < 1
-            head = ((xs - cx) / (person_h * 0.09)) ** 2 + ((ys - (bottom - person_h * 0.93)) / (person_h * 0.09)) ** 2 < 1
+            torso = _ellipse(xs, ys, cx, bottom - person_h * 0.55, person_h * 0.16, person_h * 0.45)
+            head = _ellipse(xs, ys, cx, bottom - person_h * 0.93, person_h * 0.09, person_h * 0.09)
             paint(torso, PERSON, _CLOTHES_COLOURS[rng.integers(len(_CLOTHES_COLOURS))])
             paint(head, PERSON, np.array((215, 170, 140), dtype=np.float32))
 
@@ -216,7 +211,7 @@ def make_toy_dataset(dataset, root, num_train=20, num_val=10, size=(128, 256), s
     if num_test and dataset != 'citys':
         raise UserError('test images (--num-test) exist only for citys')
     root = pathlib.Path(root)
-    palette = _voc_palette().reshape(-1).tolist() if dataset == 'voc' else None
+    palette = bit_colormap(256).reshape(-1).tolist() if dataset == 'voc' else None
     counts = {'train': num_train, 'val': num_val, 'test': num_test}
     for split, count in counts.items():
         for index in range(count):
@@ -271,14 +266,12 @@ def main(argv=None):
     try:
         root = make_toy_dataset(args.dataset, args.root, args.num_train, args.num_val, args.size, args.seed,
                                 args.num_test)
-    except (UserError, OSError) as error:
-        print(f'error: {error}', file=sys.stderr)
-        return 2
+    except OSError as error:
+        raise UserError(f'cannot write the toy data set under {args.root} (--root): {error}') from None
     print(f'wrote {args.num_train} train, {args.num_val} val'
           + (f', {args.num_test} test' if args.num_test else '')
           + f' {args.size[0]}x{args.size[1]} {args.dataset} samples under {os.path.abspath(root)}')
-    return 0
 
 
 if __name__ == '__main__':
-    sys.exit(main())
+    sys.exit(run_main(main))

@@ -12,14 +12,31 @@ from PIL import Image
 
 import settings
 from dataset import DATASET_INFO, build_dataset
-from dataset.datasets import (CITYSCAPES_LABELID_TO_TRAINID, CITYSCAPES_TRAINID_TO_LABELID, MEAN_BGR,
-                              ADETrainSet, ADEValSet, COCOTrainSet, COCOValSet, CSTestSet, CSTrainValSet,
-                              CSValSet, DataError, SampleParams, VOCDataSet, VOCDataValSet,
-                              draw_sample_params, scale_crop_flip)
+from dataset.datasets import (
+    CITYSCAPES_LABELID_TO_TRAINID,
+    CITYSCAPES_TRAINID_TO_LABELID,
+    MEAN_BGR,
+    ADETrainSet,
+    ADEValSet,
+    COCOTrainSet,
+    COCOValSet,
+    CSTestSet,
+    CSTrainValSet,
+    CSValSet,
+    DataError,
+    SampleParams,
+    VOCDataSet,
+    VOCDataValSet,
+    draw_sample_params,
+    scale_crop_flip,
+)
 from dataset.imageio import read_label
-from dataset.make_lists import main as make_lists_main, make_list
-from dataset.toy import main as toy_main, make_toy_dataset
-from utils.errors import UserError
+from dataset.make_lists import main as make_lists_main
+from dataset.make_lists import make_list
+from dataset.toy import main as toy_main
+from dataset.toy import make_toy_dataset
+from utils.errors import UserError, run_main
+from utils.samplers import IterationSampler
 
 TRAIN_VAL = {'citys': (CSTrainValSet, CSValSet), 'voc': (VOCDataSet, VOCDataValSet),
              'ade20k': (ADETrainSet, ADEValSet), 'coco': (COCOTrainSet, COCOValSet)}
@@ -121,12 +138,19 @@ def test_build_dataset_scans_when_the_list_file_is_missing(toy_root, tmp_path, c
 
 
 def test_dataset_info_fields():
-    for key, info in DATASET_INFO.items():
+    for info in DATASET_INFO.values():
         assert len(info.class_names) == info.num_class
         assert hasattr(settings, info.root_setting)
         assert all(hasattr(settings, name) for name in info.list_settings.values())
-        assert info.train_class.num_class == info.val_class.num_class == info.num_class
-    assert DATASET_INFO['citys'].test_class is CSTestSet and DATASET_INFO['voc'].test_class is None
+        assert sorted(info.classes) == ['test', 'train', 'val']
+        assert all(cls.num_class == info.num_class for cls in info.classes.values())
+    assert DATASET_INFO['citys'].classes['test'] is CSTestSet
+    # The names of the original's settings.py, so that a copy of it works here unchanged.
+    original = ['DATA_CS', 'DATALIST_CS_TRAIN', 'DATALIST_CS_VAL', 'DATALIST_CS_TEST', 'DATA_VOC',
+                'DATALIST_VOC_TRAIN', 'DATALIST_VOC_VAL', 'DATALIST_VOC_TEST', 'DATA_ADE20K', 'DATA_ADE20K_TEST',
+                'DATALIST_ADE20K_TRAIN', 'DATALIST_ADE20K_VAL', 'DATALIST_ADE20K_TEST', 'DATA_COCO', 'DATA_COCO_TEST',
+                'DATALIST_COCO_TRAIN', 'DATALIST_COCO_VAL', 'DATALIST_COCO_TEST']
+    assert all(hasattr(settings, name) for name in original)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -301,15 +325,11 @@ def test_training_set_draws_follow_the_spec(toy_root, tmp_path):
     assert found
 
 
-def _first_samples(dataset, workers, seed, count=4):
-    torch.manual_seed(seed)
-    loader = torch.utils.data.DataLoader(dataset, batch_size=2, num_workers=workers)
-    images, labels = [], []
-    for image, label, _ in loader:
-        images.append(image)
-        labels.append(label)
-        if len(images) * 2 >= count:
-            break
+def _first_samples(dataset, workers, seed, iterations=2, batch=2):
+    """The samples of the first iterations, as the training loop's sampler hands them out."""
+    sampler = IterationSampler(len(dataset), iterations, batch, seed=seed)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch, sampler=sampler, num_workers=workers)
+    images, labels = zip(*[(image, label) for image, label, _ in loader], strict=True)
     return torch.cat(images), torch.cat(labels)
 
 
@@ -320,11 +340,18 @@ def test_reproducible_with_a_seed(toy_root, tmp_path):
     assert torch.equal(a_images, b_images) and torch.equal(a_labels, b_labels)
     c_images, _ = _first_samples(dataset, 0, seed=4)
     assert not torch.equal(a_images, c_images)
-    # With workers, the samples depend on the seed, not on the number of workers.
-    one_worker, _ = _first_samples(dataset, 1, seed=3)
-    two_workers, _ = _first_samples(dataset, 2, seed=3)
-    assert torch.equal(one_worker, two_workers)
-    assert not torch.equal(one_worker, _first_samples(dataset, 1, seed=5)[0])
+    # The samples depend on the seed, not on the number of workers.
+    for workers in (1, 2):
+        images, labels = _first_samples(dataset, workers, seed=3)
+        assert torch.equal(images, a_images) and torch.equal(labels, a_labels)
+    # A sample's draws come from its key: the same (index, seed) gives the same sample in any order.
+    assert all(torch.equal(dataset[(1, 99)][0], dataset[(1, 99)][0]) for _ in range(2))
+    assert not torch.equal(dataset[(1, 99)][0], dataset[(1, 98)][0])
+    # A plain index draws its seed from torch's global generator.
+    torch.manual_seed(5)
+    first = dataset[2][0]
+    torch.manual_seed(5)
+    assert torch.equal(dataset[2][0], first)
 
 
 def test_max_iters_repeats_and_truncates(toy_root, tmp_path):
@@ -343,7 +370,8 @@ def test_make_lists_writes_a_list_the_classes_read(key, toy_root, tmp_path):
     root = toy_root(key)
     for split in ('train', 'val'):
         out = tmp_path / f'{key}_{split}.txt'
-        assert make_lists_main(['--dataset', key, '--root', str(root), '--split', split, '--out', str(out)]) == 0
+        argv = ['--dataset', key, '--root', str(root), '--split', split, '--out', str(out)]
+        assert run_main(make_lists_main, argv) == 0
         lines = out.read_text().splitlines()
         assert len(lines) == (4 if split == 'train' else 3)
         if key == 'voc':
@@ -389,15 +417,15 @@ def test_missing_root_names_the_setting_and_flag(monkeypatch, tmp_path):
         build_dataset('citys', 'train')
     with pytest.raises(DataError, match='--data'):
         build_dataset('citys', 'val', data_root=tmp_path / 'also_nowhere')
-    assert make_lists_main(['--dataset', 'citys', '--split', 'train']) == 2
+    assert run_main(make_lists_main, ['--dataset', 'citys', '--split', 'train']) == 2
     assert issubclass(DataError, UserError)
 
 
 def test_unknown_names_are_errors(toy_root):
     with pytest.raises(UserError, match='citys'):
         build_dataset('cityscape', 'train', data_root=toy_root('citys'))
-    with pytest.raises(UserError, match='train, val'):
-        build_dataset('voc', 'test', data_root=toy_root('voc'))
+    with pytest.raises(UserError, match='train, val, test'):
+        build_dataset('voc', 'testing', data_root=toy_root('voc'))
 
 
 def test_missing_files_in_a_list_are_named_with_their_count(toy_root, tmp_path):
@@ -495,10 +523,10 @@ def test_toy_dataset_is_deterministic_and_has_the_real_layout(tmp_path):
     assert any((a / f).read_bytes() != (c / f).read_bytes() for f in files)
     labels = np.concatenate([np.asarray(Image.open(a / f)).ravel() for f in files if 'gtFine' in str(f)])
     assert set(np.unique(labels).tolist()) <= {1, 7, 8, 11, 17, 21, 22, 23, 24, 26}
-    assert toy_main(['--dataset', 'ade20k', '--root', str(tmp_path / 'cli'), '--num-train', '1',
+    assert run_main(toy_main, ['--dataset', 'ade20k', '--root', str(tmp_path / 'cli'), '--num-train', '1',
                      '--num-val', '1', '--size', '24,40']) == 0
     assert (tmp_path / 'cli' / 'images' / 'training' / 'ADE_train_00000001.jpg').is_file()
-    assert toy_main(['--dataset', 'voc', '--root', str(tmp_path / 'x'), '--num-test', '1']) == 2
+    assert run_main(toy_main, ['--dataset', 'voc', '--root', str(tmp_path / 'x'), '--num-test', '1']) == 2
 
 
 def test_pil_fallback_reads_the_same(toy_root, tmp_path, monkeypatch):

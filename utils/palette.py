@@ -6,13 +6,15 @@ encoding, so that the file is both a picture and a label map:
 - voc: class ids 0..20, ignore = 255 (VOC's boundary colour); the standard VOC colour map;
 - ade20k: class k stored as k + 1 (the ADEChallenge annotation values), ignore = 0 (black); the
   ADE20K palette;
-- coco: class ids 0..181 (stuffthingmaps values), ignore = 255; the VOC-style colour map over 256 ids.
+- coco: class ids 0..181 (stuffthingmaps values), ignore = 255; the VOC-style colour map over 256 ids;
+- folder (a user's own data set): class ids, ignore = 255; the VOC colour map.
 """
 from dataclasses import dataclass
 
 import numpy as np
 from PIL import Image
 
+from dataset.datasets import CITYSCAPES_TRAINID_TO_LABELID
 from utils.errors import UserError
 
 # Official Cityscapes colours of the 19 training classes (cityscapesScripts labels.py), in trainId order.
@@ -108,6 +110,7 @@ ENCODINGS = {
     'voc': LabelEncoding(0, 255, _VOC_MAP),
     'ade20k': LabelEncoding(1, 0, _full_palette(ADE20K_COLORS, 1, 0, (0, 0, 0))),
     'coco': LabelEncoding(0, 255, _VOC_MAP),
+    'folder': LabelEncoding(0, 255, _VOC_MAP),
 }
 
 
@@ -115,7 +118,7 @@ def get_encoding(dataset):
     try:
         return ENCODINGS[dataset]
     except KeyError:
-        raise UserError(f'no colour palette for data set {dataset!r}; known: {", ".join(sorted(ENCODINGS))}')
+        raise UserError(f'no colour palette for data set {dataset!r}; known: {", ".join(sorted(ENCODINGS))}') from None
 
 
 def class_colors(dataset, num_class):
@@ -139,31 +142,12 @@ def colorize_rgb(label, dataset):
     return enc.palette[enc.encode(_to_numpy(label))]
 
 
-def cityscapes_trainid_to_labelid_table():
-    """256-entry uint8 table trainId -> Cityscapes labelId (inverse of the data set's labelId -> trainId);
-    values that are no trainId (the ignore label) map to 0 ('unlabeled')."""
-    from dataset.datasets import CITYSCAPES_LABELID_TO_TRAINID as to_train
-
-    if isinstance(to_train, dict):
-        pairs = to_train.items()
-    else:
-        pairs = enumerate(np.asarray(to_train).tolist())
-    table = np.zeros(256, dtype=np.uint8)
-    seen = set()
-    for label_id, train_id in pairs:
-        train_id = int(train_id)
-        if 0 <= train_id < 255:
-            if train_id in seen:
-                raise ValueError(f'trainId {train_id} comes from more than one labelId; cannot invert')
-            seen.add(train_id)
-            table[train_id] = int(label_id)
-    return table
-
-
 def cityscapes_trainid_to_labelid(pred):
     """trainId map (H x W ints, ignore < 0 or 255) -> uint8 labelId map for the official evaluation."""
     pred = _to_numpy(pred).astype(np.int64)
-    table = cityscapes_trainid_to_labelid_table()
+    # Values that are no trainId (the ignore label) become labelId 0, 'unlabeled'.
+    table = np.zeros(256, dtype=np.uint8)
+    table[:len(CITYSCAPES_TRAINID_TO_LABELID)] = CITYSCAPES_TRAINID_TO_LABELID
     return table[np.where((pred >= 0) & (pred < 256), pred, 255)]
 
 
