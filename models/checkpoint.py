@@ -5,6 +5,7 @@ plain containers is refused before any of it runs.
 """
 import logging
 import os
+import pickle
 import re
 from collections.abc import Mapping
 
@@ -12,7 +13,7 @@ import torch
 
 from utils.errors import UserError
 
-logger = logging.getLogger('hwd')
+logger = logging.getLogger(__name__)
 
 # Extra keys of the ImageNet backbone files (classification layers) that the dilated backbones lack.
 BACKBONE_EXTRA_PREFIXES = ('fc.', 'classifier.', 'features.18.')
@@ -60,7 +61,10 @@ def safe_load(path, error_type=None, flag='checkpoint'):
         raise error_type('%s %s %s' % (flag, path, what))
     try:
         return torch.load(path, map_location='cpu', weights_only=True)
-    except Exception as exc:  # any failure to unpickle means "not a file we accept"
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, TypeError, OSError, AttributeError,
+            ImportError, IndexError, KeyError, UnicodeDecodeError) as exc:
+        # What torch.load raises for a file that is not a checkpoint (zip or legacy pickle) or that would
+        # need code to load; anything else is a bug and propagates.
         raise error_type('cannot read %s %s: %s' % (flag, path, _load_failure(exc))) from None
 
 
@@ -80,6 +84,18 @@ def read_state_dict(path):
         raise CheckpointError('checkpoint %s holds a %s, not a state dict (a mapping from parameter '
                               'names to tensors)' % (path, type(obj).__name__))
     return {(k[len('module.'):] if k.startswith('module.') else k): v for k, v in state.items()}
+
+
+# The final 1x1 classifier of the DeepLabV3 and PSP heads: its rows are the number of classes.
+CLASSIFIER_KEYS = ('head.block.4.weight', 'head.classifier.weight')
+
+
+def classifier_rows(state):
+    """Number of classes of a whole-network state dict (rows of its final classifier), or None."""
+    for key in CLASSIFIER_KEYS:
+        if key in state:
+            return int(state[key].shape[0])
+    return None
 
 
 def _compare(state, expected):
@@ -102,18 +118,20 @@ def _shape_text(shape):
     return '[%s]' % ', '.join(str(d) for d in shape)
 
 
-def load_network_checkpoint(net, path, describe):
+def load_network_checkpoint(net, path, describe, identify=None):
     """Load a whole-network state dict strictly; `describe` = (model, backbone, num_class).
 
     Only `num_batches_tracked` counters may be absent (files from old PyTorch versions lack them;
-    they do not change the outputs). Any other difference raises one CheckpointError listing the
-    missing, unexpected and wrongly shaped keys."""
+    they do not change the outputs). Any other difference raises one CheckpointError that first says
+    which network the file holds (`identify(state)` -> text or None) and then lists the missing,
+    unexpected and wrongly shaped keys."""
     model, backbone, num_class = describe
     state = read_state_dict(path)
     expected = net.state_dict()
     missing, unexpected, wrong_shape = _compare(state, expected)
     missing = [k for k in missing if not k.endswith('num_batches_tracked')]
     if missing or unexpected or wrong_shape:
+        found = identify(state) if identify is not None else None
         parts = [
             _list_keys('wrongly shaped keys (file vs network)', wrong_shape,
                        lambda k: '%s %s vs %s' % (k, _shape_text(state[k].shape),
@@ -121,16 +139,24 @@ def load_network_checkpoint(net, path, describe):
             _list_keys('missing keys', missing),
             _list_keys('unexpected keys', unexpected),
         ]
-        message = ('checkpoint %s does not fit the network asked for (model=%s, backbone=%s, '
-                   'num_class=%d): %s' % (path, model, backbone, num_class,
-                                          '; '.join(p for p in parts if p)))
-        classifier_rows = {int(state[k].shape[0]) for k in wrong_shape
-                           if k.endswith(('block.4.weight', 'classifier.weight'))}
-        if len(classifier_rows) == 1 and not missing and not unexpected:
-            message += ('. Its classifier has %d classes: pick the --dataset it was trained on'
-                        % classifier_rows.pop())
-        elif missing or unexpected:
-            message += '. Check --model/--backbone (or --teacher-*/--student-*) against the file'
+        message = 'checkpoint %s does not fit the network asked for (model=%s, backbone=%s, num_class=%d)' % (
+            path, model, backbone, num_class)
+        if found is not None:
+            found_model, found_backbone, found_classes = found
+            message += ': this file is a %s/%s network for %d classes' % (found_model, found_backbone, found_classes)
+            if (found_model, found_backbone) == (model, backbone):
+                message += '; pick the --dataset it was trained on'
+            else:
+                message += ('; pass --model %s --backbone %s (or the matching --teacher-*/--student-* flags)'
+                            % (found_model, found_backbone))
+        else:
+            rows = classifier_rows(state)
+            if rows is not None and rows != num_class and not missing and not unexpected:
+                message += ': its classifier has %d classes; pick the --dataset it was trained on' % rows
+            else:
+                message += ': it matches no network of the model zoo; check --model/--backbone (or '
+                message += '--teacher-*/--student-*) against the file'
+        message += '. Keys: ' + '; '.join(p for p in parts if p)
         raise CheckpointError(message)
     net.load_state_dict(state, strict=False)  # only num_batches_tracked may be absent, checked above
     logger.info('loaded %d tensors of model=%s backbone=%s from %s', len(state), model, backbone, path)

@@ -10,7 +10,7 @@ import torch
 import torch.nn as nn
 
 from models import MODEL_BACKBONES, CheckpointError, get_segmentation_model, read_state_dict
-from models.model_zoo import build_segmentation_model
+from models.model_zoo import build_segmentation_model, identify_network
 from utils.errors import UserError
 from utils.flops import count_flops, count_params, format_complexity
 
@@ -35,14 +35,9 @@ def released_layouts():
 
 @pytest.fixture
 def hwd_log(caplog):
-    """caplog on the 'hwd' logger, which utils.logger.setup_logger may have detached from the root."""
-    logger = logging.getLogger('hwd')
-    logger.addHandler(caplog.handler)
-    old_level = logger.level
-    logger.setLevel(logging.INFO)
-    yield caplog
-    logger.removeHandler(caplog.handler)
-    logger.setLevel(old_level)
+    """caplog at level INFO: the library modules log to `logging.getLogger(__name__)` under the root."""
+    caplog.set_level(logging.INFO)
+    return caplog
 
 
 def run(net, x):
@@ -147,9 +142,9 @@ def test_num_class_changes_only_classifier_rows(num_class):
 
 
 def test_unknown_names_list_the_valid_ones():
-    with pytest.raises(UserError, match=r"unknown model 'deeplab'.*deeplabv3, psp, deeplabv3_mobile, psp_mobile"):
+    with pytest.raises(UserError, match=r"--model 'deeplab': unknown.*deeplabv3, psp, deeplabv3_mobile, psp_mobile"):
         get_segmentation_model('deeplab', 'resnet18', 19, True)
-    with pytest.raises(UserError, match=r"unknown backbone 'resnet34'.*resnet18, resnet50, resnet101"):
+    with pytest.raises(UserError, match=r"--backbone 'resnet34' does not fit.*resnet18, resnet50, resnet101"):
         get_segmentation_model('psp', 'resnet34', 19, True)
     with pytest.raises(UserError, match=r"'resnet18'.*deeplabv3_mobile.*mobile"):
         get_segmentation_model('deeplabv3_mobile', 'resnet18', 19, False)
@@ -169,7 +164,7 @@ def test_module_prefixed_round_trip_gives_identical_outputs(tmp_path, hwd_log):
         path = tmp_path / ('%s_%s.pth' % (model, backbone))
         torch.save({'module.' + k: v for k, v in src.state_dict().items()}, path)
         dst = get_segmentation_model(model, backbone, 19, aux=True, pretrained=str(path))
-        for a, b in zip(run(src, x), run(dst, x)):
+        for a, b in zip(run(src, x), run(dst, x), strict=True):
             assert torch.equal(a, b)
     assert str(path) in hwd_log.text
 
@@ -190,7 +185,8 @@ def test_checkpoint_of_another_num_class_is_refused(tmp_path):
     message = str(info.value)
     for part in (str(path), 'model=deeplabv3', 'backbone=resnet18', 'num_class=19',
                  '4 wrongly shaped keys', 'head.block.4.weight [150, 128, 1, 1] vs [19, 128, 1, 1]',
-                 'auxlayer.block.4.bias', '150 classes'):
+                 'auxlayer.block.4.bias', 'this file is a deeplabv3/resnet18 network for 150 classes',
+                 'pick the --dataset it was trained on'):
         assert part in message
 
 
@@ -203,6 +199,22 @@ def test_checkpoint_of_another_network_lists_missing_and_unexpected_keys(tmp_pat
     assert re.search(r'\d+ missing keys: head\.aspp\.b0\.0\.weight', message)
     assert re.search(r'\d+ unexpected keys: head\.psp\.conv1\.0\.weight', message)
     assert str(path) in message and 'model=deeplabv3' in message
+    # What the file holds comes first, before the key lists.
+    said = message.index('this file is a psp/resnet18 network for 19 classes; pass --model psp --backbone resnet18')
+    assert said < message.index('missing keys')
+
+
+@pytest.mark.parametrize('model,backbone,num_class,aux', [('psp_mobile', 'mobile', 19, False),
+                                                          ('deeplabv3', 'resnet101', 150, True),
+                                                          ('psp', 'resnet50', 21, False)])
+def test_identify_network_names_the_file_network(model, backbone, num_class, aux):
+    state = build_segmentation_model(model, backbone, num_class, aux=aux).state_dict()
+    assert identify_network(state) == (model, backbone, num_class)
+    # Files from old PyTorch versions lack the BN counters; the network is still recognised.
+    state = {k: v for k, v in state.items() if not k.endswith('num_batches_tracked')}
+    assert identify_network(state) == (model, backbone, num_class)
+    del state[next(iter(state))]  # not a network of the zoo any more
+    assert identify_network(state) is None
 
 
 class WritesMarker:
