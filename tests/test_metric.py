@@ -9,10 +9,16 @@ import torch.nn.functional as F
 
 from utils.evaluation import ShardSampler, evaluate, predict, scaled_size
 from utils.metric import ConfusionMatrix, format_iou_table, format_summary
-from utils.palette import (ADE20K_COLORS, CITYSCAPES_COLORS, bit_colormap, class_colors, colorize,
-                           colorize_rgb, cityscapes_trainid_to_labelid)
+from utils.palette import (
+    ADE20K_COLORS,
+    CITYSCAPES_COLORS,
+    bit_colormap,
+    cityscapes_trainid_to_labelid,
+    class_colors,
+    colorize,
+    colorize_rgb,
+)
 from utils.visualize import IMAGE_MEAN_BGR, denormalize_image, make_panel
-
 
 # ---------------------------------------------------------------- confusion matrix
 

@@ -178,8 +178,7 @@ class Demo:
         import numpy as np
         import torch
 
-        from dataset import build_dataset
-        from dataset import DATASET_INFO
+        from dataset import DATASET_INFO, build_dataset
         from losses import CriterionHWD
         from models.model_zoo import load_trained_model
         from utils.evaluation import predict
@@ -213,7 +212,7 @@ class Demo:
         with torch.no_grad():
             weights = criterion.weights(nets['HWD'](images)[0], nets['Teacher'](images)[0], labels)
         info = DATASET_INFO['citys']
-        present = np.stack([np.isin(np.arange(info.num_class), np.asarray(l)) for l in labels])
+        present = np.stack([np.isin(np.arange(info.num_class), np.asarray(label)) for label in labels])
         plot = os.path.join(self.out, 'hwd_weights.png')
         weight_bars(weights.numpy(), info.class_names, class_colors('citys', info.num_class), present,
                     title='HWD channel weights, one validation batch\n(HWD student vs teacher, '

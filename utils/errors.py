@@ -1,13 +1,32 @@
-"""The one exception type for mistakes a user can fix (a wrong path, a checkpoint for another network,
-bad data, a flag combination that makes no sense).
+"""How a command ends when it cannot go on: one line on stderr and an exit status, never a traceback.
 
-Scripts catch it at the top level and print its message without a traceback (exit status 2); the
-message itself must say what is wrong and what to change (the file, flag or setting).
+- `UserError`: a mistake the user can fix (a wrong path, a checkpoint for another network, bad data, a flag
+  combination that makes no sense). Printed as `error: <what to fix>`, exit status 2 (argparse's status
+  for a bad command line). Its message must name the file, flag or setting to change.
+- `StopCommand`: the base of every such ending; a subclass sets its exit status and the printed text
+  (the training loop's SIGTERM stop exits with 143, as a shell reports a process ended by SIGTERM).
+
+`run_main(main, argv)` is the top level of every command of the repository.
 """
+import sys
 
 
-class UserError(Exception):
+class StopCommand(Exception):
+    """A command stops early on purpose: `run_main` prints the message and returns `exit_status`."""
+
+    exit_status = 1
+
+    def describe(self):
+        return str(self)
+
+
+class UserError(StopCommand):
     """An error caused by the user's input, with a message that says how to fix it."""
+
+    exit_status = 2
+
+    def describe(self):
+        return user_message(self)
 
 
 # A DataLoader worker re-raises its exception in the main process with the worker's traceback folded
@@ -23,3 +42,13 @@ def user_message(error):
         name = type(error).__name__ + ': '
         text = last.split(name, 1)[1] if name in last else last
     return f'error: {text}'
+
+
+def run_main(main, argv=None, stderr=None):
+    """Run `main(argv)`; a StopCommand prints its message on stderr and gives its exit status, else 0."""
+    try:
+        main(argv)
+    except StopCommand as stop:
+        print(stop.describe(), file=stderr or sys.stderr)
+        return stop.exit_status
+    return 0

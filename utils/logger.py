@@ -1,42 +1,36 @@
-"""Logging to the console and a file, from the main process only."""
+"""Logging for the commands: every module logs to `logging.getLogger(__name__)`, and a command configures
+the root logger once with `setup_logging`, so that the messages of the library (checkpoint loading, list
+building, ...) reach the same console and log file as the training loop's.
+
+Rank 0 prints to the console and appends to the log file; the other processes stay silent (their errors
+still end the command through `utils.errors.run_main`).
+"""
 import logging
 import os
 import sys
 
-# Loggers of the library code (models: checkpoint loading; dataset: list building). A script's logger
-# shares its handlers with them, so their messages reach the same console and log file.
-LIBRARY_LOGGERS = ('hwd', 'dataset')
+LOG_FORMAT = '%(asctime)s %(name)s %(levelname)s: %(message)s'
 
 
-def _reset(logger, handlers):
-    logger.setLevel(logging.INFO)
-    logger.propagate = False
-    for handler in list(logger.handlers):
-        logger.removeHandler(handler)
-        if handler not in handlers:
-            handler.close()
-    for handler in handlers:
-        logger.addHandler(handler)
-
-
-def setup_logger(name, save_dir=None, distributed_rank=0, filename='log.txt', mode='a'):
-    """A logger that prints on rank 0 (and writes `save_dir/filename` there); silent on other ranks.
-    The library loggers (LIBRARY_LOGGERS) are routed to the same place."""
-    if distributed_rank > 0:
-        handlers = [logging.NullHandler()]
-    else:
-        formatter = logging.Formatter('%(asctime)s %(name)s %(levelname)s: %(message)s')
-        console = logging.StreamHandler(stream=sys.stdout)
-        console.setFormatter(formatter)
-        handlers = [console]
-        if save_dir:
-            os.makedirs(save_dir, exist_ok=True)
-            file_handler = logging.FileHandler(os.path.join(save_dir, filename), mode=mode)
-            file_handler.setFormatter(formatter)
-            handlers.append(file_handler)
-    logger = logging.getLogger(name)
-    _reset(logger, handlers)
-    for library in LIBRARY_LOGGERS:
-        if library != name:
-            _reset(logging.getLogger(library), handlers)
-    return logger
+def setup_logging(log_dir=None, rank=0, filename='log.txt', mode='a'):
+    """Configure the root logger for this process: console (and `log_dir/filename`) on rank 0, nothing
+    on the other ranks. Replaces the handlers an earlier call installed. Returns the root logger."""
+    root = logging.getLogger()
+    for handler in list(root.handlers):
+        root.removeHandler(handler)
+        handler.close()
+    if rank > 0:
+        root.addHandler(logging.NullHandler())
+        root.setLevel(logging.WARNING)
+        return root
+    formatter = logging.Formatter(LOG_FORMAT)
+    console = logging.StreamHandler(stream=sys.stdout)
+    console.setFormatter(formatter)
+    root.addHandler(console)
+    if log_dir:
+        os.makedirs(log_dir, exist_ok=True)
+        file_handler = logging.FileHandler(os.path.join(log_dir, filename), mode=mode)
+        file_handler.setFormatter(formatter)
+        root.addHandler(file_handler)
+    root.setLevel(logging.INFO)
+    return root

@@ -79,7 +79,7 @@ def format_iou_table(iou, class_names):
         raise ValueError(f'{len(class_names)} class names for {iou.numel()} IoU values')
     width = max([len('class')] + [len(str(name)) for name in class_names])
     lines = [f'{"id":>3}  {"class":<{width}}  {"IoU (%)":>8}']
-    for index, (name, value) in enumerate(zip(class_names, iou.tolist())):
+    for index, (name, value) in enumerate(zip(class_names, iou.tolist(), strict=True)):
         shown = '-' if math.isnan(value) else f'{value * 100:.3f}'
         lines.append(f'{index:>3}  {str(name):<{width}}  {shown:>8}')
     return '\n'.join(lines)

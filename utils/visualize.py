@@ -55,7 +55,7 @@ def make_panel(columns, gap=4, title_height=None, background=(255, 255, 255)):
     total_width = sum(p.width for p in scaled) + gap * (len(scaled) - 1)
     panel = Image.new('RGB', (total_width, height + title_height), background)
     x = 0
-    for (title, _), picture in zip(columns, scaled):
+    for (title, _), picture in zip(columns, scaled, strict=True):
         # Each title is drawn on a strip as wide as its column, so a long title is cut, not overlapping.
         strip = Image.new('RGB', (picture.width, title_height), background)
         ImageDraw.Draw(strip).text((2, 2), str(title), fill=(0, 0, 0), font=font)
