@@ -1,7 +1,30 @@
-"""Losses: the segmentation task loss, channel-wise distillation (CWD) and HWD."""
+"""Losses: the segmentation task loss and the distillation losses of every training script.
+
+| module | losses | script |
+|---|---|---|
+| task.py | SegCrossEntropyLoss | all |
+| cwd.py | CriterionCWD, FeatureAdapter | train_cwd.py |
+| hwd_loss.py | CriterionHWD | train_hwd.py |
+| kd.py | CriterionKD | train_kd.py, train_skd.py, train_ifvd.py, train_cirkd.py |
+| dist.py | CriterionDIST | train_dist.py |
+| mgd.py | CriterionMGD | train_mgd.py |
+| pairwise.py | CriterionPairWise | train_skd.py |
+| ifv.py | CriterionIFV | train_ifvd.py |
+| adversarial.py | CriterionAdvForG, CriterionAdv | train_skd.py, train_ifvd.py |
+| cirkd.py | CriterionMiniBatchCrossImagePair, StudentSegContrast | train_cirkd.py |
+"""
+from .adversarial import CriterionAdv, CriterionAdvForG
 from .channel import LossSettingError
+from .cirkd import CriterionMiniBatchCrossImagePair, StudentSegContrast
 from .cwd import CriterionCWD, FeatureAdapter
+from .dist import CriterionDIST
 from .hwd_loss import CriterionHWD
+from .ifv import CriterionIFV
+from .kd import CriterionKD
+from .mgd import CriterionMGD
+from .pairwise import CriterionPairWise
 from .task import SegCrossEntropyLoss
 
-__all__ = ['SegCrossEntropyLoss', 'CriterionCWD', 'CriterionHWD', 'FeatureAdapter', 'LossSettingError']
+__all__ = ['SegCrossEntropyLoss', 'CriterionCWD', 'CriterionHWD', 'FeatureAdapter', 'LossSettingError',
+           'CriterionKD', 'CriterionDIST', 'CriterionMGD', 'CriterionPairWise', 'CriterionIFV',
+           'CriterionAdvForG', 'CriterionAdv', 'CriterionMiniBatchCrossImagePair', 'StudentSegContrast']

@@ -50,15 +50,12 @@ def check_pair(preds_S, preds_T):
 
 
 def channel_distance(L, a, b, out=None):
-    """Sum over the last axis of the elementwise distance between a and b (N x C x H*W -> N x C), with
+    """Sum over the last axis of the elementwise MSE, L1 or SMOOTHL1 distance between a and b
+    (N x C x H*W -> N x C; the KL distance is the loss's own KL term), with
     the same rounding as the nn losses with reduction 'none'. `out` is an optional workspace of a's
     shape that MSE and L1 write into instead of allocating."""
     if L == 'SMOOTHL1':
         return F.smooth_l1_loss(a, b, reduction='none', beta=1.0).sum(-1)
-    if L == 'KL':
-        # kl_div: b (log b - log a), 0 where b is 0; a, b are probabilities. Not used by the loss,
-        # which takes the KL distance from its own KL term.
-        return F.kl_div(torch.log(a), b, reduction='none').sum(-1)
     diff = torch.sub(a, b, out=out) if out is not None else a - b
     return (diff.abs_() if L == 'L1' else diff.square_()).sum(-1)
 

@@ -1,4 +1,7 @@
-"""Holistic Weighted Distillation: CWD with one weight per (image, channel), SPEC section 3.
+"""Holistic Weighted Distillation (HWD): channel-wise distillation with one weight per (image, channel).
+
+The loss of the original zju-SWJ/HWD code (losses/hwd.py), after CWD (Shu et al., "Channel-wise Knowledge
+Distillation for Dense Prediction", ICCV 2021, https://arxiv.org/abs/2011.13256).
 
 The weight grows with how far the student's channel is from the teacher's, so the channels the student
 gets most wrong are distilled hardest. Weights carry no gradient; the teacher never gets one.
@@ -10,8 +13,15 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .channel import (DISTANCES, LossSettingError, autocast_disabled, channel_kl, check_pair,
-                      check_temperature, loss_precision)
+from .channel import (
+    DISTANCES,
+    LossSettingError,
+    autocast_disabled,
+    channel_kl,
+    check_pair,
+    check_temperature,
+    loss_precision,
+)
 
 __all__ = ['CriterionHWD', 'nearest_indices', 'resize_labels_nearest', 'class_pixel_counts']
 
@@ -56,8 +66,8 @@ def resize_labels_nearest(labels, size):
 
 
 def class_pixel_counts(labels, num_class, dtype=torch.float32):
-    """1 + the number of positions of class c in image n, as an N x C tensor of `dtype` (SPEC 3's
-    count). Positions labelled outside 0..C-1 (ignore -1, or any other value) count for no class.
+    """1 + the number of positions of class c in image n, as an N x C tensor of `dtype` (the count
+    of the original's --DivPixel). Positions labelled outside 0..C-1 (ignore -1, or any other value) count for no class.
     One scatter-add over the whole batch, no loop over images or classes."""
     n = labels.shape[0]
     # Bin 0 takes every label below 0, bin C + 1 every label above C - 1; both are dropped.
@@ -139,7 +149,7 @@ class CriterionHWD(nn.Module):
 
     @torch.no_grad()
     def channel_weights(self, distance, labels, size):
-        """The N x C weights from the N x C distances (steps 2-5 of SPEC 3)."""
+        """The N x C weights from the N x C distances (steps 2-5 of the class docstring)."""
         n, c = distance.shape
         if self.DivPixel != 'None':
             count = class_pixel_counts(resize_labels_nearest(labels, size), c, distance.dtype)

@@ -20,3 +20,14 @@ def toy_root(tmp_path_factory):
         return cache[key]
 
     return make
+
+
+@pytest.fixture(scope='module')
+def one_thread():
+    """One torch thread for a module of tiny tensors: more threads only add contention on a shared machine.
+    Use with `pytestmark = pytest.mark.usefixtures('one_thread')`."""
+    import torch
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
