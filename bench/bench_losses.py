@@ -15,9 +15,9 @@ left alone, the C=150 figures jump by 1.5x between candidates that allocate alik
 pinned (through mallopt) in two settings and both are reported: `mmap`, every big tensor is mapped
 fresh and faults (the pessimistic case), and `heap`, freed memory is kept (the arithmetic alone).
 """
+import argparse
 import ctypes
 import ctypes.util
-import argparse
 import os
 import random
 import statistics
@@ -25,13 +25,12 @@ import sys
 import time
 
 import torch
-import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from bench.table import print_ratio_table  # noqa: E402
 from losses import CriterionCWD, CriterionHWD  # noqa: E402
 from tests.reference.hwd import original_hwd_loss  # noqa: E402
-
 
 RECOMMENDED = dict(activation=True, L='MSE', process='E', parameter=0.1, shift=1.0)
 
@@ -107,14 +106,7 @@ def main():
         print(f'\nallocator: {mode if pinned else "default (mallopt unavailable)"}; forward + backward, batch 4, '
               f'64x64 logits, 512x512 labels, {args.threads} thread(s), median over {args.repeats} rounds of '
               f'the best of {args.inner} runs\n')
-        print('| loss | ' + ' | '.join(f'{label} C={c} (ms) | x CWD' for label, c in shapes) + ' |')
-        print('|---|' + '---:|---:|' * len(shapes))
-        for name in results[shapes[0][0]]:
-            cells = []
-            for label, _ in shapes:
-                median = results[label][name]
-                cells.append(f'{median * 1e3:.2f} | {median / results[label]["CWD"]:.2f}')
-            print(f'| {name} | ' + ' | '.join(cells) + ' |')
+        print_ratio_table(results, shapes, 'CWD', 'x CWD')
 
 
 if __name__ == '__main__':
