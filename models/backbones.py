@@ -1,6 +1,6 @@
 """Dilated backbones with output stride 8: ResNet "v1s" (deep stem) and MobileNetV2.
 
-Module names follow the released CIRKD checkpoints (SPEC 1): the ResNet's state dict keys are
+Module names follow the released CIRKD checkpoints: the ResNet's state dict keys are
 `conv1.weight`, `layer1.0.conv1.weight`, ...; MobileNetV2's are `net.features.<i>....`. Each backbone
 has `checkpoint_root`, the sub-module whose keys match an ImageNet backbone file, and
 `out_channels` (channels of each returned stage). `forward` returns the list of stage outputs; the

@@ -1,4 +1,4 @@
-"""The data layer (SPEC 2): the nine classes on generated data in the four real layouts, label mappings,
+"""The data layer: the nine classes on generated data in the four real layouts, label mappings,
 preprocessing constants, the training transform, lists, and every data error."""
 import logging
 import os
@@ -41,8 +41,9 @@ from utils.samplers import IterationSampler
 TRAIN_VAL = {'citys': (CSTrainValSet, CSValSet), 'voc': (VOCDataSet, VOCDataValSet),
              'ade20k': (ADETrainSet, ADEValSet), 'coco': (COCOTrainSet, COCOValSet)}
 
-# SPEC 2, written out independently of the code under test.
-SPEC_CITYSCAPES = {7: 0, 8: 1, 11: 2, 12: 3, 13: 4, 17: 5, 19: 6, 20: 7, 21: 8, 22: 9, 23: 10, 24: 11,
+# The Cityscapes labelId -> trainId table (cityscapesScripts' labels.py), written out independently of the
+# code under test.
+CITYSCAPES_TABLE = {7: 0, 8: 1, 11: 2, 12: 3, 13: 4, 17: 5, 19: 6, 20: 7, 21: 8, 22: 9, 23: 10, 24: 11,
                    25: 12, 26: 13, 27: 14, 28: 15, 31: 16, 32: 17, 33: 18}
 
 
@@ -160,10 +161,10 @@ def test_every_cityscapes_label_id_maps_as_spec(tmp_path):
     raw = np.repeat(np.arange(34, dtype=np.uint8)[None, :], 2, axis=0)  # 2 x 34, every labelId
     list_path = _write_citys_pair(str(tmp_path), np.zeros((2, 34, 3), np.uint8), raw)
     _, label, _ = CSValSet(str(tmp_path), list_path)[0]
-    expected = [SPEC_CITYSCAPES.get(label_id, -1) for label_id in range(34)]
+    expected = [CITYSCAPES_TABLE.get(label_id, -1) for label_id in range(34)]
     assert label[0].tolist() == expected and label[1].tolist() == expected
-    assert CITYSCAPES_LABELID_TO_TRAINID == {i: SPEC_CITYSCAPES.get(i, -1) for i in range(34)}
-    assert [SPEC_CITYSCAPES[i] for i in CITYSCAPES_TRAINID_TO_LABELID] == list(range(19))
+    assert CITYSCAPES_LABELID_TO_TRAINID == {i: CITYSCAPES_TABLE.get(i, -1) for i in range(34)}
+    assert [CITYSCAPES_TABLE[i] for i in CITYSCAPES_TRAINID_TO_LABELID] == list(range(19))
     # A different ignore label is honoured by the same table.
     _, label, _ = CSValSet(str(tmp_path), list_path, ignore_label=255)[0]
     assert label[0, 0] == 255 and label[0, 7] == 0

@@ -1,4 +1,4 @@
-"""Networks of SPEC 1: layout against the released checkpoints, outputs, checkpoint loading, FLOPs."""
+"""The networks: layout against the released checkpoints, outputs, checkpoint loading, FLOPs."""
 import json
 import logging
 import os
