@@ -14,6 +14,7 @@ $(STAMP): requirements.txt requirements-dev.txt
 	touch $(STAMP)
 
 test: $(STAMP)
+	$(VPY) -m ruff check .
 	$(VPY) -m pytest -q tests
 
 demo: $(STAMP)

@@ -5,12 +5,15 @@
     python -m torch.distributed.launch --nproc_per_node=4 eval.py ...   (or torchrun)
 
 Each image is evaluated exactly once whatever the number of processes, and the confusion matrices
-are summed, so the printed numbers do not depend on it. With --save-pred, colour PNGs go to
-{save_dir}/{model}_{backbone}_{dataset}_{method}/ (plus labelIds/ for Cityscapes, ready for the
-official evaluation script, and panels/ with image | ground truth | prediction for the first images).
-`--split test` (Cityscapes) predicts the test images into the same folders, without metrics.
+are summed, so the printed numbers do not depend on it. The results also go to
+{save_dir}/{model}_{backbone}_{dataset}_{method}_val.json (see utils/results.py). With --save-pred,
+colour PNGs go to {save_dir}/{model}_{backbone}_{dataset}_{method}/ (plus labelIds/ for Cityscapes, ready
+for the official evaluation script, and panels/ with image | ground truth | prediction for the first
+images). `--split test` predicts the test images (Cityscapes, VOC, ADE20K, and COCO-Stuff when settings.py
+names its test images) into the same folders, without metrics, as the original's test.py.
 """
 import argparse
+import logging
 import os
 import sys
 
@@ -18,16 +21,21 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from utils.distributed import add_launcher_args, barrier, cleanup, init_distributed
-from utils.errors import UserError, user_message
+from dataset import DATASETS, build_dataset, check_ignore_label, dataset_info
+from models.model_zoo import check_model_name, load_trained_model
+from utils.distributed import add_launcher_args, barrier, cleanup, get_world_size, init_distributed
+from utils.errors import UserError, run_main
 from utils.evaluation import ShardSampler, evaluate
-from utils.logger import setup_logger
+from utils.flops import format_complexity
+from utils.logger import setup_logging
 from utils.metric import format_iou_table, format_summary
-from utils.options import positive_float
+from utils.options import non_negative_int, positive_float
 from utils.palette import cityscapes_trainid_to_labelid, colorize, colorize_rgb
+from utils.results import file_sha256, metrics_record, write_json
 from utils.visualize import denormalize_image, save_panel
 
-DATASETS = ('citys', 'voc', 'ade20k', 'coco')
+logger = logging.getLogger(__name__)
+
 # Panels image | ground truth | prediction are drawn for the images with these first data set indices.
 NUM_PANELS = 4
 COMPLEXITY_INPUT = (1, 3, 512, 512)
@@ -43,10 +51,11 @@ def build_parser():
     group.add_argument('--method', type=str, default='cirkd',
                        help='method name, used in the output folder and log file names')
     group.add_argument('--data', type=str, default=None, metavar='DIR',
-                       help='data set root (default: the root in settings.py, e.g. DATA_CS)')
+                       help='data set root (default: the root in settings.py, e.g. DATA_CS; with --split test, '
+                            'the folder of the test images for ade20k and coco, e.g. DATA_ADE20K_TEST)')
     group.add_argument('--split', type=str, default='val', choices=('val', 'test'),
-                       help='val: metrics; test (citys only): predictions without metrics')
-    group.add_argument('--workers', '-j', type=int, default=8, metavar='N', help='data loader workers')
+                       help='val: metrics; test: predictions of the test images, without metrics')
+    group.add_argument('--workers', '-j', type=non_negative_int, default=8, metavar='N', help='data loader workers')
     group.add_argument('--ignore-label', type=int, default=-1, help='label value not counted')
     group = parser.add_argument_group('checkpoint and output')
     group.add_argument('--pretrained', type=str, default='./ckpt/deeplabv3_resnet101_citys_best_model.pth',
@@ -64,13 +73,6 @@ def build_parser():
 
 def run_name(args):
     return f'{args.model}_{args.backbone}_{args.dataset}_{args.method}'
-
-
-def load_network(args, num_class, device):
-    """The network of --model/--backbone with --pretrained loaded strictly, in eval mode."""
-    from models.model_zoo import load_trained_model
-
-    return load_trained_model(args.model, args.backbone, num_class, args.pretrained).to(device)
 
 
 class PredictionWriter:
@@ -106,32 +108,19 @@ class PredictionWriter:
 
 def run(args):
     ctx = init_distributed(args)
-    if args.split == 'test' and args.dataset != 'citys':
-        raise UserError(f'--split test is only available for --dataset citys (no test list for {args.dataset})')
-    if args.workers < 0:
-        raise UserError(f'--workers must be >= 0, got {args.workers}')
-    from models.model_zoo import check_model_name
     check_model_name(args.model, args.backbone)  # before any data is read
+    info = dataset_info(args.dataset, args.data)
+    if args.split not in info.classes:
+        raise UserError(f'--split {args.split}: data set {args.dataset} has no {args.split} split here')
+    check_ignore_label(args.dataset, args.ignore_label, info.num_class)
     name = run_name(args)
     out_dir = os.path.join(args.save_dir, name)
-    logger = setup_logger('semantic_segmentation', args.save_dir, ctx.rank,
-                          filename=f'{name}_{args.split}.txt', mode='a+')
+    setup_logging(args.save_dir, ctx.rank, filename=f'{name}_{args.split}.txt', mode='a+')
     logger.info('eval.py arguments: %s', ', '.join(f'{k}={v}' for k, v in sorted(vars(args).items())))
 
-    from dataset import DATASET_INFO, build_dataset, check_ignore_label
-
-    info = DATASET_INFO[args.dataset]
-    num_class = info.num_class
-    check_ignore_label(args.dataset, args.ignore_label)
-    dataset_kwargs = {'ignore_label': args.ignore_label} if args.split == 'val' else {}
-    dataset = build_dataset(args.dataset, args.split, data_root=args.data, **dataset_kwargs)
-    if len(dataset) == 0:
-        raise UserError(f'the {args.split} list of {args.dataset} is empty: check --data / settings.py '
-                        f'{info.root_setting} and the list file')
-
-    model = load_network(args, num_class, ctx.device)
+    dataset = build_dataset(args.dataset, args.split, data_root=args.data, ignore_label=args.ignore_label)
+    model = load_trained_model(args.model, args.backbone, info.num_class, args.pretrained).to(ctx.device)
     if ctx.is_main:
-        from utils.flops import format_complexity
         logger.info(format_complexity(model, COMPLEXITY_INPUT))
 
     sampler = ShardSampler(dataset)
@@ -144,12 +133,24 @@ def run(args):
     logger.info('Start %s: %d images on %d process(es), scales %s, flip %s', 'validation' if labelled
                 else 'test prediction', len(dataset), ctx.world_size,
                 ' '.join(f'{s:g}' for s in args.scales), 'on' if args.flip_eval else 'off')
-    matrix = evaluate(model, loader, num_class, ctx.device, scales=args.scales, flip=args.flip_eval,
-                      progress=ctx.is_main, on_prediction=writer, labelled=labelled)
+    with torch.no_grad():
+        matrix = evaluate(model, loader, info.num_class, ctx.device, scales=args.scales, flip=args.flip_eval,
+                          progress=ctx.is_main, on_prediction=writer, labelled=labelled)
     if labelled:
         pix_acc, miou, iou = matrix.compute()
         logger.info('Per-class IoU:\n%s', format_iou_table(iou, info.class_names))
         logger.info(format_summary(pix_acc, miou))
+        if ctx.is_main:
+            result = {'dataset': args.dataset, 'split': args.split, 'images': len(dataset),
+                      'model': args.model, 'backbone': args.backbone, 'method': args.method,
+                      'scales': list(args.scales), 'flip': args.flip_eval,
+                      'checkpoint': os.path.basename(args.pretrained),
+                      'checkpoint_path': os.path.abspath(args.pretrained),
+                      'sha256': file_sha256(args.pretrained), 'processes': get_world_size(),
+                      **metrics_record(pix_acc, miou, iou, info.class_names)}
+            path = os.path.join(args.save_dir, f'{name}_{args.split}.json')
+            write_json(path, result)
+            logger.info('results written to %s', path)
     if writer is not None:
         logger.info('predictions saved in %s', out_dir)
     barrier()
@@ -158,15 +159,10 @@ def run(args):
 def main(argv=None):
     args = build_parser().parse_args(argv)
     try:
-        with torch.no_grad():
-            run(args)
-    except UserError as error:
-        print(user_message(error), file=sys.stderr)
-        return 2
+        run(args)
     finally:
         cleanup()
-    return 0
 
 
 if __name__ == '__main__':
-    sys.exit(main())
+    sys.exit(run_main(main))

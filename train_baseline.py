@@ -7,8 +7,9 @@ Loss: task loss (+0.4 aux).
 """
 import sys
 
+from utils.errors import run_main
 from utils.options import build_parser, validate_args
-from utils.train_loop import run_script, run_training
+from utils.train_loop import run_training
 
 METHOD = 'baseline'
 
@@ -23,4 +24,4 @@ def main(argv=None):
 
 
 if __name__ == '__main__':
-    sys.exit(run_script(main))
+    sys.exit(run_main(main))

@@ -6,35 +6,35 @@
         --student-model deeplabv3 --student-backbone resnet18 \
         --student-pretrained-base pretrained/resnet18-imagenet.pth
 
-Loss: task loss (+0.4 aux) + --lambda-logit x CWD(logits) [+ --lambda-feat x CWD(adapter(student features),
-teacher features), the adapter trained with the student].
+Loss: task loss (+0.4 aux) + --lambda-logit x CWD(logits) ("Logit Loss") [+ --lambda-feat x CWD(adapter(student
+features), teacher features) ("Feat Loss"), the adapter trained with the student; built only when
+--lambda-feat > 0].
 """
 import sys
 
-import torch.nn as nn
-
 from losses import CriterionCWD, FeatureAdapter
+from utils.errors import run_main
+from utils.method import DistillationMethod
 from utils.options import build_parser, non_negative_float, positive_float, validate_args
-from utils.train_loop import run_script, run_training
+from utils.train_loop import run_training
 
 METHOD = 'cwd'
 
 
-class CWDDistillation(nn.Module):
-    """{'CWD Loss': logit term [, 'CWD Feature Loss': feature term]}; the adapter exists only when used."""
+class CWDDistillation(DistillationMethod):
+    """{'Logit Loss': logit term [, 'Feat Loss': feature term]}; the adapter exists only when used."""
 
-    def __init__(self, temperature, lambda_logit, lambda_feat, student_channels=None, teacher_channels=None):
+    def __init__(self, temperature, lambda_logit, lambda_feat, adapter=None):
         super().__init__()
         self.criterion = CriterionCWD(temperature=temperature)
         self.lambda_logit = lambda_logit
         self.lambda_feat = lambda_feat
-        self.adapter = FeatureAdapter(student_channels, teacher_channels) if lambda_feat > 0 else None
+        self.adapter = adapter
 
     def forward(self, s_outputs, t_outputs, labels):
-        terms = {'CWD Loss': self.lambda_logit * self.criterion(s_outputs[0], t_outputs[0])}
+        terms = {'Logit Loss': self.lambda_logit * self.criterion(s_outputs[0], t_outputs[0])}
         if self.adapter is not None:
-            terms['CWD Feature Loss'] = self.lambda_feat * self.criterion(self.adapter(s_outputs[-1]),
-                                                                           t_outputs[-1])
+            terms['Feat Loss'] = self.lambda_feat * self.criterion(self.adapter(s_outputs[-1]), t_outputs[-1])
         return terms
 
 
@@ -45,22 +45,21 @@ def parse_args(argv=None):
     group.add_argument('--lambda-feat', type=non_negative_float, default=0.0,
                        help='weight of CWD on the features (after a 1x1 conv + BN + ReLU adapter)')
     group.add_argument('--temperature', type=positive_float, default=4.0, help='softmax temperature tau')
-    args = parser.parse_args(argv)
-    return validate_args(parser, args)
+    return validate_args(parser, parser.parse_args(argv))
 
 
-def build_distillation(args, nets):
-    channels = {}
+def build_method(args, nets):
+    adapter = None
     if args.lambda_feat > 0:
-        channels = dict(student_channels=nets.feature_channels(nets.student),
-                        teacher_channels=nets.feature_channels(nets.teacher))
-    return CWDDistillation(args.temperature, args.lambda_logit, args.lambda_feat, **channels)
+        adapter = FeatureAdapter(nets.feature_channels(nets.student), nets.feature_channels(nets.teacher),
+                                 nets.norm_layer)
+    return CWDDistillation(args.temperature, args.lambda_logit, args.lambda_feat, adapter)
 
 
 def main(argv=None):
     args = parse_args(argv)
-    return run_training(args, METHOD, lambda nets: build_distillation(args, nets))
+    return run_training(args, METHOD, lambda nets: build_method(args, nets))
 
 
 if __name__ == '__main__':
-    sys.exit(run_script(main))
+    sys.exit(run_main(main))

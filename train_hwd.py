@@ -8,19 +8,23 @@
         --activation --L MSE --process E --parameter 0.1 --shift 1.0 --DivPixel None
 
 Loss: task loss (+0.4 aux) + --lambda-hwd x CriterionHWD(student logits, teacher logits, labels).
+Without --save-dir / --log-dir, every HWD setting gets its own folder, as in the original:
+./final_hwd/Activation_MSE_E0.1_Shift1.0 for the command above.
 """
+import os
 import sys
 
-import torch.nn as nn
-
 from losses import CriterionHWD, LossSettingError
-from utils.options import build_parser, finite_float, positive_float, non_negative_float, validate_args
-from utils.train_loop import run_script, run_training
+from utils.errors import run_main
+from utils.method import DistillationMethod
+from utils.options import build_parser, finite_float, non_negative_float, positive_float, validate_args
+from utils.train_loop import run_training
 
 METHOD = 'hwd'
+SETTINGS_ROOT = './final_hwd'
 
 
-class HWDDistillation(nn.Module):
+class HWDDistillation(DistillationMethod):
     """{'HWD Loss': lambda x HWD between the student's and the teacher's logits}."""
 
     def __init__(self, criterion, weight):
@@ -38,6 +42,22 @@ def make_criterion(args):
                         temperature=args.temperature)
 
 
+def setting_folder(args):
+    """The original's folder of one HWD setting, e.g. ./final_hwd/Activation_MSE_E0.1_Shift1.0_DivN. The
+    flags the original lacks (--lambda-hwd, --temperature) and a shift with --process T (which the original
+    left out, so two such settings shared a folder) are added when they are not the defaults."""
+    name = ('Activation_' if args.activation else 'Logit_') + f'{args.L}_{args.process}{args.parameter}'
+    if args.shift != 0.0:
+        name += f'_Shift{args.shift}'
+    if args.DivPixel != 'None':
+        name += f'_Div{args.DivPixel}'
+    if args.lambda_hwd != 3.0:
+        name += f'_Lambda{args.lambda_hwd}'
+    if args.temperature != 4.0:
+        name += f'_Tau{args.temperature}'
+    return os.path.join(SETTINGS_ROOT, name)
+
+
 def parse_args(argv=None):
     parser = build_parser('Holistic Weighted Distillation for semantic segmentation', distillation=True)
     group = parser.add_argument_group('HWD')
@@ -53,13 +73,13 @@ def parse_args(argv=None):
                        help='beta of --process E, tau\' of --process T')
     group.add_argument('--shift', type=finite_float, default=0.0, help='added to the normalised distances')
     group.add_argument('--DivPixel', type=str, default='None', choices=['None', 'N', 'SqrtN', 'N2'],
-                       help='divide the distance by the class\'s pixel count (N), its root or its square')
+                       help='divide the distance by 1 + the class\'s pixel count (N), its root or its square')
     args = parser.parse_args(argv)
     try:
         make_criterion(args)  # the loss checks its own settings (e.g. --L KL without --activation)
     except LossSettingError as error:
         parser.error(str(error))
-    return validate_args(parser, args)
+    return validate_args(parser, args, default_dir=setting_folder(args))
 
 
 def main(argv=None):
@@ -68,4 +88,4 @@ def main(argv=None):
 
 
 if __name__ == '__main__':
-    sys.exit(run_script(main))
+    sys.exit(run_main(main))

@@ -55,7 +55,8 @@ def run(cmd, cwd, timeout=TIMEOUT, **env):
 
 
 def must_succeed(proc):
-    assert proc.returncode == 0, f'exit {proc.returncode}\nSTDOUT:\n{proc.stdout[-4000:]}\nSTDERR:\n{proc.stderr[-4000:]}'
+    assert proc.returncode == 0, (f'exit {proc.returncode}\nSTDOUT:\n{proc.stdout[-4000:]}\n'
+                                  f'STDERR:\n{proc.stderr[-4000:]}')
 
 
 @pytest.fixture(scope='module')
@@ -87,7 +88,8 @@ def distill(setup):
             '--student-pretrained-base', 'None']
 
 
-LOG_LINE = re.compile(r'Iters: (\d+)/(\d+) \|\| Lr: (\d+\.\d{6}) \|\| Task Loss: \d+\.\d{4}( \|\| [A-Za-z ]+ Loss: '
+LOG_LINE = re.compile(r'Iters: (\d+)/(\d+) \|\| Lr: (\d+\.\d{6}) \|\| Task Loss: \d+\.\d{4}'
+                      r'( \|\| [A-Za-z0-9_ -]+ Loss: '
                       r'\d+\.\d{4})* \|\| Cost Time: \d+:\d\d:\d\d \|\| Estimated Time: \d+:\d\d:\d\d')
 
 
@@ -141,7 +143,8 @@ def test_hwd_torchrun_two_processes(setup, tmp_path):
     stem = 'hwd_deeplabv3_resnet18_citys'
     ckpt = tmp_path / 'ckpt'
     assert sorted(p.name for p in ckpt.iterdir()) == sorted(
-        [f'{stem}.pth', f'{stem}_best_model.pth', f'{stem}_resume.pth'])
+        [f'{stem}.pth', f'{stem}_best_model.pth', f'{stem}_resume.pth', f'{stem}_flags.json',
+         f'{stem}_history.jsonl'])
     check_student_file(ckpt / f'{stem}.pth')
     check_student_file(ckpt / f'{stem}_best_model.pth')
     log = tmp_path / 'logs' / f'{stem}_log.txt'
@@ -156,7 +159,7 @@ def test_hwd_torchrun_two_processes(setup, tmp_path):
     assert rank0.keys() == rank1.keys()
     assert all(torch.equal(rank0[key], rank1[key]) for key in rank0)
     resume = torch.load(ckpt / f'{stem}_resume.pth', weights_only=True)
-    assert resume['iteration'] == 4 and len(resume['rng']) == 2
+    assert resume['iteration'] == 4 and resume['world_size'] == 2 and resume['method'] == 'hwd'
     assert all(torch.equal(resume['student'][key], value) for key, value in
                torch.load(ckpt / f'{stem}.pth', weights_only=True).items())
 
@@ -173,9 +176,9 @@ def test_cwd_distributed_launch_two_processes(setup, tmp_path):
     assert not (tmp_path / 'ckpt' / f'{stem}_best_model.pth').exists()  # --skip-val: no best model
     lines = log_lines(tmp_path / 'logs' / f'{stem}_log.txt')
     assert [int(m.group(1)) for m in lines] == [1, 2]
-    assert 'CWD Loss' in lines[0].group(0) and 'CWD Feature Loss' in lines[0].group(0)
+    assert 'Logit Loss' in lines[0].group(0) and 'Feat Loss' in lines[0].group(0)  # the original's names
     resume = torch.load(tmp_path / 'ckpt' / f'{stem}_resume.pth', weights_only=True)
-    assert any(key.startswith('adapter.') for key in resume['extra'])  # the adapter is trained and saved
+    assert any(key.startswith('adapter.') for key in resume['method_state'])  # the adapter is trained and saved
 
 
 def test_baseline_two_nodes(setup, tmp_path):
@@ -189,7 +192,7 @@ def test_baseline_two_nodes(setup, tmp_path):
                               text=True)
              for rank in (0, 1)]
     outputs = [p.communicate(timeout=TIMEOUT)[0] for p in procs]
-    for proc, out in zip(procs, outputs):
+    for proc, out in zip(procs, outputs, strict=True):
         assert proc.returncode == 0, out[-4000:]
     stem = 'baseline_deeplabv3_resnet18_citys'
     check_student_file(tmp_path / 'ckpt' / f'{stem}.pth')
@@ -254,7 +257,6 @@ def test_sigterm_saves_resume_file_on_all_ranks(setup, tmp_path):
     assert len(stopped) == 2 and stopped[0] == stopped[1], output[-4000:]
     resume = torch.load(tmp_path / 'ckpt' / f'{stem}_resume.pth', weights_only=True)
     assert resume['iteration'] == int(stopped[0]) and 2 <= resume['iteration'] < max_iterations
-    assert len(resume['rng']) == 2
     assert 'SIGTERM: saved the resume file' in log.read_text()
 
 
@@ -268,7 +270,7 @@ def test_nan_loss_stops_with_iteration_and_term(setup, tmp_path):
         import sys
         sys.path.insert(0, {REPO!r})
         import train_hwd
-        from utils.train_loop import run_script
+        from utils.errors import run_main
         original = train_hwd.HWDDistillation.forward
         calls = [0]
         def forward(self, s_outputs, t_outputs, labels):
@@ -278,7 +280,7 @@ def test_nan_loss_stops_with_iteration_and_term(setup, tmp_path):
                 terms['HWD Loss'] = terms['HWD Loss'] * float('nan')
             return terms
         train_hwd.HWDDistillation.forward = forward
-        sys.exit(run_script(train_hwd.main))
+        sys.exit(run_main(train_hwd.main))
     '''))
     args = common(setup, tmp_path, batch=2, iters=8, log_iter=4, val_per_iters=2) + distill(setup)
     proc = run([PYTHON, str(wrapper)] + args, tmp_path)
@@ -367,6 +369,7 @@ def test_user_error_exit_status_and_message(setup, tmp_path):
 
 def test_sampler_shares_exactly_and_resumes():
     from utils.samplers import IterationSampler
+    from utils.seeding import sample_seed
     max_iterations, batch, world = 5, 4, 2
     full = [list(IterationSampler(7, max_iterations, batch, rank=r, world_size=world, seed=3)) for r in range(world)]
     assert all(len(share) == max_iterations * batch // world for share in full)
@@ -378,7 +381,11 @@ def test_sampler_shares_exactly_and_resumes():
         for r in range(world):
             rebuilt += full[r][i * per:(i + 1) * per]
     assert rebuilt == single
-    assert sorted(single) == sorted(torch.arange(max_iterations * batch).remainder(7).tolist())
+    indices = [index for index, _ in single]
+    assert sorted(indices) == sorted(torch.arange(max_iterations * batch).remainder(7).tolist())
+    # each sample's seed is that of its place in the run, whatever the number of processes
+    assert [seed for _, seed in single] == [sample_seed(3, place) for place in range(max_iterations * batch)]
+    assert len({seed for _, seed in single}) == max_iterations * batch
     resumed = list(IterationSampler(7, max_iterations, batch, rank=1, world_size=world, seed=3, start_iteration=2))
     assert resumed == full[1][2 * per:]
 
@@ -432,13 +439,23 @@ def test_resume_file_from_another_run_is_refused(setup, tmp_path):
     from utils.checkpointing import ResumeError, check_resume_matches, flags_for_resume
     args = train_hwd.parse_args(common(setup, tmp_path, iters=10) + distill(setup))
     state = {'method': 'hwd', 'args': flags_for_resume(args)}
-    check_resume_matches(state, 'r.pth', 'hwd', 'deeplabv3', 'resnet18', args)
+    check_resume_matches(state, 'r.pth', 'hwd', args)
     args.max_iterations = 20
     with pytest.raises(ResumeError, match=r'--max-iterations 10 \(this run: 20\)'):
-        check_resume_matches(state, 'r.pth', 'hwd', 'deeplabv3', 'resnet18', args)
+        check_resume_matches(state, 'r.pth', 'hwd', args)
     with pytest.raises(ResumeError, match='method'):
-        check_resume_matches(state, 'r.pth', 'cwd', 'deeplabv3', 'resnet18', train_hwd.parse_args(
+        check_resume_matches(state, 'r.pth', 'cwd', train_hwd.parse_args(
             common(setup, tmp_path, iters=10) + distill(setup)))
+    # the method's flags and the optimizer's define the run too (a sweep must not resume another setting)
+    for extra, named in ((['--lambda-hwd', '2.0'], '--lambda-hwd'), (['--lr', '0.02'], '--lr'),
+                         (['--weight-decay', '0'], '--weight-decay'), (['--seed', '3'], '--seed')):
+        other = train_hwd.parse_args(common(setup, tmp_path, iters=10) + distill(setup) + extra)
+        with pytest.raises(ResumeError, match=named):
+            check_resume_matches(state, 'r.pth', 'hwd', other)
+    # where the files are and how often the run logs do not change the result
+    free = train_hwd.parse_args(common(setup, tmp_path / 'elsewhere', iters=10, log_iter=1, workers=2)
+                                + distill(setup))
+    check_resume_matches(state, 'r.pth', 'hwd', free)
 
 
 def test_plain_checkpoint_is_not_a_resume_file(tmp_path):

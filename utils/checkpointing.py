@@ -2,30 +2,31 @@
 
 - `{stem}.pth` (latest) and `{stem}_best_model.pth` (best validation mIoU): a plain state dict of the
   student, without any `module.` prefix, loadable by `get_segmentation_model(..., pretrained=path)`;
-- `{stem}_resume.pth`: everything needed to continue the run (student, trainable modules of the method,
-  optimizer, iteration, best mIoU, random states per process, flags).
+- `{stem}_resume.pth`: everything needed to continue the run (student, the method's modules, buffers,
+  optimizers and generators, the student's optimizer, iteration, best mIoU, flags).
 
 `stem` is `{method}_{model}_{backbone}_{dataset}`. Every file is written to a temporary file in the same
 directory and renamed over the target, so a crash or a kill never leaves a half-written checkpoint.
 """
 import os
-import random
-import tempfile
+import secrets
 import threading
 
-import numpy as np
 import torch
 
+from models.checkpoint import safe_load
 from utils.errors import UserError
 
-RESUME_FORMAT = 'hwd-resume-v1'
+RESUME_FORMAT = 'hwd-resume-v2'
 
-_UMASK = os.umask(0)
-os.umask(_UMASK)
-
-# Flags that must match between the interrupted run and its continuation: they fix the networks, the
-# sample order and the learning-rate schedule.
-RESUME_FIXED_FLAGS = ('dataset', 'batch_size', 'max_iterations', 'seed', 'crop_size')
+# Flags that say where and how a run is executed, not what it computes: they may change on resume.
+RESUME_FREE_FLAGS = frozenset({
+    'workers', 'gpu_id', 'no_cuda', 'local_rank', 'save_dir', 'log_dir', 'log_iter', 'save_per_iters',
+    'val_per_iters', 'skip_val', 'resume', 'data'})
+# Checkpoint flags: a file may move to another folder, so only its name must stay the same.
+RESUME_FILE_FLAGS = frozenset({
+    'pretrained', 'pretrained_base', 'teacher_pretrained', 'teacher_pretrained_base', 'student_pretrained',
+    'student_pretrained_base'})
 
 
 class ResumeError(UserError):
@@ -46,13 +47,23 @@ def checkpoint_paths(save_dir, stem):
     }
 
 
+def _create_temporary(directory, base):
+    """A new file beside the target, opened for writing. Created with mode 0o666 so that the process's
+    umask gives it the usual permissions (mkstemp would make it 0600)."""
+    while True:
+        path = os.path.join(directory, f'.{base}.{secrets.token_hex(6)}.tmp')
+        try:
+            return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666), path
+        except FileExistsError:
+            continue
+
+
 def atomic_save(obj, path):
     """torch.save to a temporary file beside `path`, flushed to disk, then renamed over `path`."""
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
-    fd, tmp_path = tempfile.mkstemp(dir=directory, prefix='.' + os.path.basename(path) + '.', suffix='.tmp')
+    fd, tmp_path = _create_temporary(directory, os.path.basename(path))
     try:
-        os.chmod(tmp_path, 0o666 & ~_UMASK)  # mkstemp makes 0600; give the file the usual permissions
         with os.fdopen(fd, 'wb') as handle:
             torch.save(obj, handle)
             handle.flush()
@@ -71,7 +82,7 @@ class BackgroundWriter:
 
     `submit` first waits for the previous batch of files (at most one batch in flight, so memory stays
     bounded) and re-raises its error, if any; `wait` blocks until everything is on disk. The objects
-    must not change after submission: pass copies (`plain_state_dict` makes them).
+    must not change after submission: pass copies (`cpu_copy` makes them).
     """
 
     def __init__(self):
@@ -117,34 +128,7 @@ def cpu_copy(obj):
 def plain_state_dict(module):
     """State dict of a network, unwrapped from DDP, on the CPU (copies, so later steps cannot alter it)."""
     module = getattr(module, 'module', module)
-    return {key: value.detach().to('cpu', copy=True) for key, value in module.state_dict().items()}
-
-
-# ---------------------------------------------------------------- random states
-
-def capture_rng_state():
-    """This process's random states, as tensors and plain lists (loadable with weights_only=True)."""
-    np_state = np.random.get_state()
-    py_state = random.getstate()
-    state = {
-        'torch': torch.get_rng_state(),
-        'numpy': [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), int(np_state[2]),
-                  int(np_state[3]), float(np_state[4])],
-        'python': [py_state[0], list(py_state[1]), py_state[2]],
-    }
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state['cuda'] = torch.cuda.get_rng_state()
-    return state
-
-
-def restore_rng_state(state):
-    torch.set_rng_state(state['torch'])
-    name, keys, pos, has_gauss, cached = state['numpy']
-    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
-    version, internal, gauss = state['python']
-    random.setstate((version, tuple(internal), gauss))
-    if 'cuda' in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state['cuda'])
+    return cpu_copy(module.state_dict())
 
 
 # ---------------------------------------------------------------- resume file
@@ -161,50 +145,43 @@ def flags_for_resume(args):
     return plain
 
 
-def make_resume_state(method, iteration, student_state, extra, optimizer, best_miou, rng_states, args, scaler=None):
-    state = {
-        'format': RESUME_FORMAT,
-        'method': method,
-        'iteration': int(iteration),
-        'max_iterations': int(args.max_iterations),
-        'best_miou': float(best_miou),
-        'student': student_state,
-        'extra': plain_state_dict(extra) if extra is not None else {},
-        'optimizer': cpu_copy(optimizer.state_dict()),
-        'rng': rng_states,
-        'args': flags_for_resume(args),
-    }
-    if scaler is not None:
-        state['scaler'] = cpu_copy(scaler.state_dict())
-    return state
-
-
 def load_resume_state(path):
     """Read and sanity-check a resume file (never runs code from the file)."""
-    from models.checkpoint import safe_load
     state = safe_load(path, ResumeError, flag='--resume')
     if not isinstance(state, dict) or state.get('format') != RESUME_FORMAT:
-        raise ResumeError(f'--resume {path}: not a resume file written by this training code (a plain '
-                          'checkpoint goes to --pretrained / --student-pretrained instead)')
+        raise ResumeError(f'--resume {path}: not a resume file written by this version of the training code (a '
+                          'plain checkpoint goes to --pretrained / --student-pretrained instead)')
     return state
 
 
-def check_resume_matches(state, path, method, model, backbone, args):
-    """The resume file must come from the same method, networks, data and schedule."""
-    saved = state.get('args', {})
+def _flag_value(key, value):
+    if key in RESUME_FILE_FLAGS and isinstance(value, str):
+        return os.path.basename(os.path.normpath(value))
+    return value
+
+
+def resume_differences(saved, args):
+    """The run-defining flags whose values differ between a resume file's flags and this run's, as
+    ['--flag saved (this run: now)', ...]. Flags that only say where and how the run executes (workers,
+    folders, logging, validation) may differ; checkpoint flags compare by file name."""
+    now = flags_for_resume(args)
+    problems = []
+    for key in sorted(set(saved) | set(now)):
+        if key in RESUME_FREE_FLAGS or key in ('rank', 'world_size', 'distributed', 'device'):
+            continue
+        before, after = _flag_value(key, saved.get(key)), _flag_value(key, now.get(key))
+        if before != after:
+            shown = lambda v: 'unset' if v is None else v  # noqa: E731
+            problems.append(f"--{key.replace('_', '-')} {shown(before)} (this run: {shown(after)})")
+    return problems
+
+
+def check_resume_matches(state, path, method, args):
+    """The resume file must come from the same method and the same run-defining flags."""
     problems = []
     if state.get('method') != method:
         problems.append(f"method {state.get('method')!r} (this script trains {method!r})")
-    saved_model = saved.get('student_model', saved.get('model'))
-    saved_backbone = saved.get('student_backbone', saved.get('backbone'))
-    if (saved_model, saved_backbone) != (model, backbone):
-        problems.append(f'network {saved_model} {saved_backbone} (this run: {model} {backbone})')
-    for key in RESUME_FIXED_FLAGS:
-        if key in saved:
-            now = getattr(args, key)
-            now = list(now) if isinstance(now, tuple) else now
-            if saved[key] != now:
-                problems.append(f"--{key.replace('_', '-')} {saved[key]} (this run: {now})")
+    problems += resume_differences(state.get('args', {}), args)
     if problems:
         raise ResumeError(f'--resume {path} belongs to another run: ' + '; '.join(problems) +
                           '. Use the same flags as the interrupted run, or another --save-dir.')

@@ -49,7 +49,7 @@ def _env_int(name, default=None):
         return int(value)
     except ValueError:
         raise UserError(f'environment variable {name}={value!r} is not an integer; '
-                        'it is normally set by torchrun or torch.distributed.launch')
+                        'it is normally set by torchrun or torch.distributed.launch') from None
 
 
 def init_distributed(args):
@@ -71,7 +71,7 @@ def init_distributed(args):
         try:
             gpu_ids = [int(g) for g in gpu_ids]
         except ValueError:
-            raise UserError(f'--gpu-id {args.gpu_id!r}: expected comma-separated integers such as 0,1,2,3')
+            raise UserError(f'--gpu-id {args.gpu_id!r}: expected comma-separated integers such as 0,1,2,3') from None
         count = torch.cuda.device_count()
         if distributed or len(gpu_ids) == 0:
             # One process per GPU: the local rank picks the GPU, among --gpu-id when given enough ids.
@@ -116,10 +116,6 @@ def get_world_size():
     return dist.get_world_size() if is_dist() else 1
 
 
-def is_main_process():
-    return get_rank() == 0
-
-
 def barrier():
     if is_dist():
         dist.barrier()
@@ -132,13 +128,21 @@ def all_reduce_sum(tensor):
     return tensor
 
 
-def reduce_mean(tensor):
-    """Mean of a tensor over all processes, on a copy."""
-    out = tensor.detach().clone()
-    if is_dist():
-        dist.all_reduce(out, op=dist.ReduceOp.SUM)
-        out /= dist.get_world_size()
-    return out
+def average_gradients(parameters):
+    """Average the gradients of `parameters` over all processes, in one all-reduce (no-op in one process).
+    For modules outside DDP (a method's own optimizer)."""
+    if not is_dist():
+        return
+    grads = [p.grad for p in parameters if p.grad is not None]
+    if not grads:
+        return
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+    flat /= dist.get_world_size()
+    offset = 0
+    for grad in grads:
+        grad.copy_(flat[offset:offset + grad.numel()].view_as(grad))
+        offset += grad.numel()
 
 
 def broadcast_object(obj, src=0):

@@ -3,17 +3,21 @@
 The flag names and defaults are those of the original HWD/CIRKD scripts, so that existing command lines
 keep working. Every check that can be made before any work is done here and reported through
 `parser.error` (exit status 2, with the usage line): malformed sizes, non-positive counts and rates,
-flag combinations that make no sense, a batch that does not split over the processes, a teacher
-checkpoint trained for another number of classes.
+flag combinations that make no sense, a batch that does not split over the processes, a checkpoint
+trained for another number of classes.
 """
 import argparse
 import os
 
-from models.checkpoint import no_file
+from dataset import DATASETS, FOLDER, check_ignore_label, dataset_info
+from models.checkpoint import classifier_rows, no_file, read_state_dict
+from models.model_zoo import check_model_name
 from utils.distributed import add_launcher_args
 from utils.errors import UserError
 
-DATASETS = ('citys', 'voc', 'ade20k', 'coco')
+# Where --save-dir / --log-dir point when they are not given (the original's defaults).
+DEFAULT_SAVE_DIR = './ckpt'
+DEFAULT_LOG_DIR = './logs/'
 
 
 # ---------------------------------------------------------------- argparse value types
@@ -24,7 +28,8 @@ def crop_size(text):
     try:
         sizes = [int(p) for p in parts]
     except ValueError:
-        raise argparse.ArgumentTypeError(f'{text!r} is not HEIGHT,WIDTH (two positive integers, e.g. 512,512)')
+        raise argparse.ArgumentTypeError(f'{text!r} is not HEIGHT,WIDTH (two positive integers, e.g. 512,512)') \
+            from None
     if len(sizes) == 1:
         sizes = sizes * 2
     if len(sizes) != 2 or min(sizes) <= 0:
@@ -32,59 +37,57 @@ def crop_size(text):
     return tuple(sizes)
 
 
-def positive_int(text):
+def _int(text):
     try:
-        value = int(text)
+        return int(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f'{text!r} is not an integer')
+        raise argparse.ArgumentTypeError(f'{text!r} is not an integer') from None
+
+
+def positive_int(text):
+    value = _int(text)
     if value <= 0:
         raise argparse.ArgumentTypeError(f'{value} must be a positive integer')
     return value
 
 
 def non_negative_int(text):
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f'{text!r} is not an integer')
+    value = _int(text)
     if value < 0:
         raise argparse.ArgumentTypeError(f'{value} must be zero or a positive integer')
     return value
 
 
-def _float(text):
+def finite_float(text):
     try:
         value = float(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f'{text!r} is not a number')
+        raise argparse.ArgumentTypeError(f'{text!r} is not a number') from None
     if value != value or value in (float('inf'), float('-inf')):
         raise argparse.ArgumentTypeError(f'{text!r} must be a finite number')
     return value
 
 
 def positive_float(text):
-    value = _float(text)
+    value = finite_float(text)
     if value <= 0:
         raise argparse.ArgumentTypeError(f'{value} must be positive')
     return value
 
 
 def non_negative_float(text):
-    value = _float(text)
+    value = finite_float(text)
     if value < 0:
         raise argparse.ArgumentTypeError(f'{value} must be zero or positive')
     return value
-
-
-def finite_float(text):
-    return _float(text)
 
 
 # ---------------------------------------------------------------- flag groups
 
 def add_data_args(parser):
     group = parser.add_argument_group('data')
-    group.add_argument('--dataset', type=str, default='citys', choices=DATASETS, help='dataset name')
+    group.add_argument('--dataset', type=str, default='citys', choices=DATASETS,
+                       help=f'data set name ({FOLDER!r}: your own data in --data, see the README)')
     group.add_argument('--data', type=str, default=None, metavar='DIR',
                        help="dataset root; overrides the data set's root in settings.py")
     group.add_argument('--crop-size', type=crop_size, default=(512, 512), metavar='H,W',
@@ -99,6 +102,9 @@ def add_optimization_args(parser):
     group = parser.add_argument_group('optimization')
     group.add_argument('--batch-size', type=positive_int, default=8, metavar='N',
                        help='batch size summed over all processes (default: 8)')
+    group.add_argument('--grad-accum', type=positive_int, default=1, metavar='K',
+                       help='each process runs K micro-batches of its share of --batch-size and steps once '
+                            '(the batch of the paper on fewer GPUs; BatchNorm sees one micro-batch at a time)')
     group.add_argument('--max-iterations', type=positive_int, default=40000, metavar='N',
                        help='number of training iterations (default: 40000)')
     group.add_argument('--lr', type=positive_float, default=0.01, metavar='LR',
@@ -107,7 +113,8 @@ def add_optimization_args(parser):
     group.add_argument('--weight-decay', type=non_negative_float, default=1e-4, metavar='W',
                        help='SGD weight decay')
     group.add_argument('--seed', type=non_negative_int, default=0,
-                       help='seed of the sample order, the augmentations and the initialisation')
+                       help='seed of the initialisation, the sample order, the augmentations, dropout and the '
+                            "method's random draws (default 0)")
     group.add_argument('--amp', action='store_true', default=False,
                        help='mixed precision on GPUs (bf16 where supported, else fp16); ignored on the CPU')
     return group
@@ -115,12 +122,13 @@ def add_optimization_args(parser):
 
 def add_checkpoint_args(parser):
     group = parser.add_argument_group('checkpoints, logs and validation')
-    group.add_argument('--save-dir', default='./ckpt', help='directory of the saved checkpoints')
-    group.add_argument('--log-dir', default='./logs/', help='directory of the log file')
+    group.add_argument('--save-dir', default=None,
+                       help=f'directory of the saved checkpoints (default: {DEFAULT_SAVE_DIR})')
+    group.add_argument('--log-dir', default=None, help=f'directory of the log file (default: {DEFAULT_LOG_DIR})')
     group.add_argument('--log-iter', type=positive_int, default=50, help='log every N iterations')
     group.add_argument('--save-per-iters', type=positive_int, default=200000,
-                       help='save the latest checkpoint every N iterations (also saved at each validation '
-                            'and at the end; the resume file is also written every --val-per-iters)')
+                       help='write the latest checkpoint and the resume file every N iterations (they are also '
+                            'written at each validation and at the end)')
     group.add_argument('--val-per-iters', type=positive_int, default=400, help='validate every N iterations')
     group.add_argument('--skip-val', action='store_true', default=False,
                        help='no validation during training')
@@ -162,7 +170,7 @@ def add_teacher_student_args(parser):
 
 
 def build_parser(description, distillation):
-    """The parser with every shared group; a script adds its own method group and calls `parse_args`."""
+    """The parser with every shared group; a script adds its own method group and calls `validate_args`."""
     parser = argparse.ArgumentParser(description=description)
     if distillation:
         add_teacher_student_args(parser)
@@ -177,14 +185,19 @@ def build_parser(description, distillation):
 
 # ---------------------------------------------------------------- checks after parsing
 
+def is_distillation(args):
+    return hasattr(args, 'teacher_model')
+
+
 def student_names(args):
     """(model, backbone, pretrained_base, pretrained) of the trained network, for either kind of script."""
-    if hasattr(args, 'student_model'):
+    if is_distillation(args):
         return args.student_model, args.student_backbone, args.student_pretrained_base, args.student_pretrained
     return args.model, args.backbone, args.pretrained_base, args.pretrained
 
 
-def _world_size_from_env():
+def world_size_from_env():
+    """The number of processes the launcher started (1 for a plain `python script.py`)."""
     try:
         return int(os.environ.get('WORLD_SIZE', '1') or 1)
     except ValueError:
@@ -193,27 +206,9 @@ def _world_size_from_env():
 
 def _check_network(parser, model, backbone, model_flag, backbone_flag):
     try:
-        from models.model_zoo import MODEL_BACKBONES
-    except ImportError:  # the model zoo reports unknown names itself when it is built
-        return
-    if model not in MODEL_BACKBONES:
-        parser.error(f'{model_flag} {model!r}: unknown network; choose one of {", ".join(sorted(MODEL_BACKBONES))}')
-    if backbone not in MODEL_BACKBONES[model]:
-        parser.error(f'{backbone_flag} {backbone!r} does not fit {model_flag} {model}; '
-                     f'choose one of {", ".join(MODEL_BACKBONES[model])}')
-
-
-CLASSIFIER_KEYS = ('head.block.4.weight', 'head.classifier.weight')
-
-
-def checkpoint_num_class(path):
-    """Rows of the final classifier of a whole-network checkpoint, or None when the file has none."""
-    from models.checkpoint import read_state_dict
-    state = read_state_dict(path)
-    for key in CLASSIFIER_KEYS:
-        if key in state:
-            return int(state[key].shape[0])
-    return None
+        check_model_name(model, backbone, model_flag, backbone_flag)
+    except UserError as error:
+        parser.error(str(error))
 
 
 def _check_checkpoint_classes(parser, path, flag, num_class, dataset):
@@ -223,7 +218,7 @@ def _check_checkpoint_classes(parser, path, flag, num_class, dataset):
     if not os.path.isfile(path):
         parser.error(f'{flag} {path}: no such file')
     try:
-        rows = checkpoint_num_class(path)
+        rows = classifier_rows(read_state_dict(path))
     except UserError as error:
         parser.error(f'{flag}: {error}')
     if rows is not None and rows != num_class:
@@ -231,18 +226,26 @@ def _check_checkpoint_classes(parser, path, flag, num_class, dataset):
                      'pass a checkpoint trained on this data set')
 
 
-def validate_args(parser, args):
-    """Checks that argparse cannot express; each failure is a `parser.error` (exit status 2)."""
-    world_size = _world_size_from_env()
-    if args.batch_size % world_size != 0:
-        parser.error(f'--batch-size {args.batch_size} is the total over all processes and must be divisible '
-                     f'by their number ({world_size}); use a multiple of {world_size}')
+def validate_args(parser, args, default_dir=None):
+    """Checks that argparse cannot express; each failure is a `parser.error` (exit status 2).
+
+    `default_dir`: the folder for --save-dir and --log-dir when they are not given (train_hwd.py: one folder
+    per HWD setting, as the original); None means the original's ./ckpt and ./logs/."""
+    world_size = world_size_from_env()
+    if args.batch_size % (world_size * args.grad_accum) != 0:
+        parser.error(f'--batch-size {args.batch_size} is the total over all processes and micro-batches and must '
+                     f'be divisible by processes x --grad-accum ({world_size} x {args.grad_accum}); use a multiple '
+                     f'of {world_size * args.grad_accum}')
     if args.resume is not None and args.resume != 'auto' and not os.path.isfile(args.resume):
         parser.error(f"--resume {args.resume}: no such file (use --resume auto to pick the run's own "
                      'resume file in --save-dir)')
+    if args.dataset == FOLDER and args.data is None:
+        parser.error('--dataset folder needs --data DIR, the folder holding classes.txt, images/ and labels/')
+    args.save_dir = args.save_dir if args.save_dir is not None else (default_dir or DEFAULT_SAVE_DIR)
+    args.log_dir = args.log_dir if args.log_dir is not None else (default_dir or DEFAULT_LOG_DIR)
 
     model, backbone, pretrained_base, pretrained = student_names(args)
-    distillation = hasattr(args, 'student_model')
+    distillation = is_distillation(args)
     base_flag = '--student-pretrained-base' if distillation else '--pretrained-base'
     if not no_file(pretrained_base) and no_file(pretrained) \
             and not os.path.isfile(pretrained_base):
@@ -256,10 +259,9 @@ def validate_args(parser, args):
             parser.error('--teacher-pretrained is required: distillation needs a trained teacher checkpoint')
 
     # A checkpoint for another class count is refused here, before any work (the loop relies on it).
-    from dataset import DATASET_INFO, check_ignore_label
-    num_class = DATASET_INFO[args.dataset].num_class
     try:
-        check_ignore_label(args.dataset, args.ignore_label)
+        num_class = dataset_info(args.dataset, args.data).num_class
+        check_ignore_label(args.dataset, args.ignore_label, num_class)
     except UserError as error:
         parser.error(str(error))
     if distillation:
