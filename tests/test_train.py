@@ -10,53 +10,32 @@ the per-rank weights are dumped by a wrapper that calls `train_hwd.main()` (whic
 student of its process), and the NaN is injected by a wrapper that patches the HWD term of one iteration.
 """
 import math
-import os
 import re
 import signal
-import socket
 import subprocess
-import sys
 import textwrap
-import time
 
 import pytest
 import torch
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-PYTHON = sys.executable
-TORCHRUN = [PYTHON, '-m', 'torch.distributed.run']
-LAUNCH = [PYTHON, '-m', 'torch.distributed.launch']
-TIMEOUT = 180
+from launch import (
+    LAUNCH,
+    LOG_LINE,
+    PYTHON,
+    REPO,
+    TIMEOUT,
+    TORCHRUN,
+    clean_env,
+    free_port,
+    log_lines,
+    must_succeed,
+    poly,
+    run,
+    script,
+    wait_for,
+)
+from launch import common as launch_common
 
 pytestmark = pytest.mark.slow
-
-
-def script(name):
-    return os.path.join(REPO, name)
-
-
-def free_port():
-    with socket.socket() as sock:
-        sock.bind(('127.0.0.1', 0))
-        return sock.getsockname()[1]
-
-
-def clean_env(**extra):
-    env = {k: v for k, v in os.environ.items()
-           if k not in ('RANK', 'WORLD_SIZE', 'LOCAL_RANK', 'MASTER_ADDR', 'MASTER_PORT', 'LOCAL_WORLD_SIZE')}
-    env.update(OMP_NUM_THREADS='1', PYTHONUNBUFFERED='1', PYTHONPATH=REPO)
-    env.update(extra)
-    return env
-
-
-def run(cmd, cwd, timeout=TIMEOUT, **env):
-    proc = subprocess.run(cmd, cwd=cwd, env=clean_env(**env), capture_output=True, text=True, timeout=timeout)
-    return proc
-
-
-def must_succeed(proc):
-    assert proc.returncode == 0, (f'exit {proc.returncode}\nSTDOUT:\n{proc.stdout[-4000:]}\n'
-                                  f'STDERR:\n{proc.stderr[-4000:]}')
 
 
 @pytest.fixture(scope='module')
@@ -74,31 +53,12 @@ def setup(toy_root, tmp_path_factory):
 
 
 def common(setup, out, batch=2, iters=2, **flags):
-    args = ['--no-cuda', '--data', setup['data'], '--crop-size', '64,64', '--workers', '0',
-            '--batch-size', str(batch), '--max-iterations', str(iters),
-            '--save-dir', str(out / 'ckpt'), '--log-dir', str(out / 'logs')]
-    for key, value in flags.items():
-        flag = '--' + key.replace('_', '-')
-        args += [flag] if value is True else [flag, str(value)]
-    return args
+    return launch_common(setup['data'], out, batch, iters, **flags)
 
 
 def distill(setup):
     return ['--teacher-backbone', 'resnet18', '--teacher-pretrained', setup['teacher'],
             '--student-pretrained-base', 'None']
-
-
-LOG_LINE = re.compile(r'Iters: (\d+)/(\d+) \|\| Lr: (\d+\.\d{6}) \|\| Task Loss: \d+\.\d{4}'
-                      r'( \|\| [A-Za-z0-9_ -]+ Loss: '
-                      r'\d+\.\d{4})* \|\| Cost Time: \d+:\d\d:\d\d \|\| Estimated Time: \d+:\d\d:\d\d')
-
-
-def log_lines(path):
-    return [m for m in (LOG_LINE.search(line) for line in open(path)) if m]
-
-
-def poly(lr, i, max_iterations):
-    return lr * (1 - i / max_iterations) ** 0.9
 
 
 def check_student_file(path, num_class=19):
@@ -111,19 +71,6 @@ def check_student_file(path, num_class=19):
     loaded = net.state_dict()
     assert all(torch.equal(loaded[key], value) for key, value in state.items())
 
-
-def wait_for(predicate, proc, timeout=120):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if predicate():
-            return True
-        if proc.poll() is not None:
-            return predicate()
-        time.sleep(0.05)
-    return False
-
-
-# ---------------------------------------------------------------- launchers
 
 def test_hwd_torchrun_two_processes(setup, tmp_path):
     """torchrun, 2 processes: files, names, log format, validation, identical weights on both ranks."""

@@ -82,6 +82,13 @@ def non_negative_float(text):
     return value
 
 
+def probability(text):
+    value = finite_float(text)
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f'{value} must be a probability in [0, 1]')
+    return value
+
+
 # ---------------------------------------------------------------- flag groups
 
 def add_data_args(parser):

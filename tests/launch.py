@@ -1,0 +1,104 @@
+"""Helpers of the end-to-end tests: launching the training scripts (plain, torchrun, torch.distributed.launch)
+on the generated data and reading what they write. Imported by the test modules (pytest puts tests/ on
+sys.path)."""
+import os
+import re
+import socket
+import subprocess
+import sys
+import time
+
+import torch
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PYTHON = sys.executable
+TORCHRUN = [PYTHON, '-m', 'torch.distributed.run']
+LAUNCH = [PYTHON, '-m', 'torch.distributed.launch']
+TIMEOUT = 240
+
+LOG_LINE = re.compile(r'Iters: (\d+)/(\d+) \|\| Lr: (\d+\.\d{6}) \|\| Task Loss: \d+\.\d{4}'
+                      r'( \|\| [A-Za-z0-9_ -]+ Loss: '
+                      r'-?\d+\.\d{4})* \|\| Cost Time: \d+:\d\d:\d\d \|\| Estimated Time: \d+:\d\d:\d\d')
+
+
+def script(name):
+    return os.path.join(REPO, name)
+
+
+def free_port():
+    with socket.socket() as sock:
+        sock.bind(('127.0.0.1', 0))
+        return sock.getsockname()[1]
+
+
+def torchrun(nproc=2):
+    return TORCHRUN + [f'--nproc_per_node={nproc}', f'--master_port={free_port()}']
+
+
+def clean_env(**extra):
+    env = {k: v for k, v in os.environ.items()
+           if k not in ('RANK', 'WORLD_SIZE', 'LOCAL_RANK', 'MASTER_ADDR', 'MASTER_PORT', 'LOCAL_WORLD_SIZE')}
+    env.update(OMP_NUM_THREADS='1', PYTHONUNBUFFERED='1', PYTHONPATH=REPO)
+    env.update(extra)
+    return env
+
+
+def run(cmd, cwd, timeout=TIMEOUT, **env):
+    return subprocess.run(cmd, cwd=cwd, env=clean_env(**env), capture_output=True, text=True, timeout=timeout)
+
+
+def must_succeed(proc):
+    assert proc.returncode == 0, (f'exit {proc.returncode}\nSTDOUT:\n{proc.stdout[-4000:]}\n'
+                                  f'STDERR:\n{proc.stderr[-4000:]}')
+
+
+def common(data, out, batch=2, iters=2, **flags):
+    """The shared flags of a short CPU run on the generated data; `flags` as keyword arguments
+    (log_iter=1 -> --log-iter 1, skip_val=True -> --skip-val)."""
+    args = ['--no-cuda', '--data', str(data), '--crop-size', '64,64', '--workers', '0',
+            '--batch-size', str(batch), '--max-iterations', str(iters),
+            '--save-dir', str(out / 'ckpt'), '--log-dir', str(out / 'logs')]
+    for key, value in flags.items():
+        flag = '--' + key.replace('_', '-')
+        args += [flag] if value is True else [flag, str(value)]
+    return args
+
+
+def log_lines(path):
+    return [m for m in (LOG_LINE.search(line) for line in open(path)) if m]
+
+
+def poly(lr, i, max_iterations):
+    return lr * (1 - i / max_iterations) ** 0.9
+
+
+def wait_for(predicate, proc, timeout=120):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if predicate():
+            return True
+        if proc.poll() is not None:
+            return predicate()
+        time.sleep(0.05)
+    return False
+
+
+def load(path):
+    return torch.load(path, map_location='cpu', weights_only=True)
+
+
+def assert_same_tensors(a, b, where=''):
+    """Every tensor of two nested containers equal, bit for bit (other leaves equal too)."""
+    if isinstance(a, dict):
+        assert isinstance(b, dict) and a.keys() == b.keys(), f'{where}: keys {sorted(a)} != {sorted(b)}'
+        for key in a:
+            assert_same_tensors(a[key], b[key], f'{where}.{key}')
+    elif isinstance(a, (list, tuple)):
+        assert isinstance(b, (list, tuple)) and len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b, strict=True)):
+            assert_same_tensors(x, y, f'{where}[{i}]')
+    elif isinstance(a, torch.Tensor):
+        assert isinstance(b, torch.Tensor) and a.dtype == b.dtype and a.shape == b.shape, where
+        assert torch.equal(a, b), f'{where}: tensors differ (max |diff| {(a.double() - b.double()).abs().max()})'
+    else:
+        assert a == b, f'{where}: {a!r} != {b!r}'

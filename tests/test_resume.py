@@ -1,0 +1,270 @@
+"""Exact resume, gradient accumulation and the loop's contract for a method.
+
+- A run killed after the resume file of iteration 6 was written and continued with --resume auto writes
+  the same files as the run never stopped: the student checkpoints, every tensor of the resume file and
+  the validation history, bit for bit (CPU), for train_baseline.py and train_mgd.py (a method with a
+  trained generator and a random mask), on one process and on two, with 0 and 2 loader workers.
+- --grad-accum 2 on one process follows two processes without it.
+- A made-up method that owns each thing the contract allows (a module trained with the student, an
+  optimizer of its own, a logged-only term, a buffer DDP must not touch, a random generator).
+"""
+import json
+import os
+import textwrap
+
+import pytest
+import torch
+import torch.nn as nn
+from launch import PYTHON, REPO, assert_same_tensors, common, load, log_lines, must_succeed, run, script, torchrun
+
+pytestmark = pytest.mark.slow
+
+STUDENT = ['--student-model', 'psp_mobile', '--student-backbone', 'mobile', '--student-pretrained-base', 'None']
+BASELINE = ['--model', 'psp_mobile', '--backbone', 'mobile', '--pretrained-base', 'None']
+KILL_AT = 6
+
+
+@pytest.fixture(scope='module')
+def setup(toy_root, tmp_path_factory):
+    from models.model_zoo import get_segmentation_model
+    root = toy_root('citys', num_train=5, num_val=2, size=(64, 96))
+    work = tmp_path_factory.mktemp('resume')
+    torch.manual_seed(1)
+    teacher = work / 'deeplabv3_mobile.pth'
+    torch.save(get_segmentation_model('deeplabv3_mobile', 'mobile', 19, True).state_dict(), teacher)
+    killer = work / 'kill_after_save.py'
+    # Test-only hook: end every process right after the resume file of iteration KILL_AT is on disk, as a
+    # pre-empted job would (no clean-up, no later file).
+    killer.write_text(textwrap.dedent(f'''
+        import os, sys, runpy
+        import torch.distributed as dist
+        sys.path.insert(0, {REPO!r})
+        from utils import train_loop
+        original = train_loop.Trainer._save
+        def _save(self, iteration, is_best, wait=False):
+            kill = iteration == int(os.environ['KILL_AT'])
+            original(self, iteration, is_best, wait=wait or kill)
+            if kill:
+                if dist.is_initialized():
+                    dist.barrier()
+                os._exit(9)
+        train_loop.Trainer._save = _save
+        script = sys.argv.pop(1)
+        runpy.run_path(script, run_name='__main__')
+    '''))
+    return {'data': root, 'teacher': str(teacher), 'killer': str(killer)}
+
+
+def launcher(nproc):
+    return torchrun(nproc) if nproc > 1 else [PYTHON]
+
+
+def stem(name):
+    return ('baseline_psp_mobile_mobile_citys' if name == 'baseline' else f'{name}_psp_mobile_mobile_citys')
+
+
+def run_files(folder, name):
+    ckpt = folder / 'ckpt'
+    resume = load(ckpt / f'{stem(name)}_resume.pth')
+    del resume['args']  # holds the folders and --workers, which differ between the runs compared
+    return {'latest': load(ckpt / f'{stem(name)}.pth'), 'best': load(ckpt / f'{stem(name)}_best_model.pth'),
+            'resume': resume,
+            'history': (folder / 'logs' / f'{stem(name)}_history.jsonl').read_text().splitlines()}
+
+
+RESUME_CASES = [
+    # name, processes, extra flags
+    ('baseline', 1, []),
+    ('baseline', 2, ['--batch-size', '4']),
+    ('mgd', 1, ['--batch-size', '4', '--grad-accum', '2']),  # resume stays exact with accumulation
+    ('mgd', 2, ['--batch-size', '4']),
+]
+
+
+@pytest.mark.parametrize('name,nproc,extra', RESUME_CASES,
+                         ids=[f'{n}-{p}proc{"-accum" if "--grad-accum" in e else ""}' for n, p, e in RESUME_CASES])
+def test_killed_and_resumed_equals_never_stopped(setup, tmp_path, name, nproc, extra):
+    networks = BASELINE if name == 'baseline' else STUDENT + [
+        '--teacher-model', 'deeplabv3_mobile', '--teacher-backbone', 'mobile', '--teacher-pretrained', setup['teacher']]
+    flags = dict(iters=12, log_iter=3, save_per_iters=3, val_per_iters=KILL_AT)
+
+    def args(folder, workers):
+        return common(setup['data'], folder, **flags) + networks + extra + ['--workers', str(workers)]
+
+    train = script(f'train_{name}.py')
+    whole, parts = tmp_path / 'whole', tmp_path / 'parts'
+    must_succeed(run(launcher(nproc) + [train] + args(whole, 0), tmp_path))
+    killed = run(launcher(nproc) + [setup['killer'], train] + args(parts, 2) + ['--resume', 'auto'], tmp_path,
+                 KILL_AT=str(KILL_AT))
+    assert killed.returncode != 0
+    assert load(parts / 'ckpt' / f'{stem(name)}_resume.pth')['iteration'] == KILL_AT
+    resumed = run(launcher(nproc) + [train] + args(parts, 0) + ['--resume', 'auto'], tmp_path)
+    must_succeed(resumed)
+    log = (parts / 'logs' / f'{stem(name)}_log.txt').read_text()
+    assert f'iteration {KILL_AT}/12' in log and 'not repeat the uninterrupted one' not in log
+    after = [int(m.group(1)) for m in log_lines(parts / 'logs' / f'{stem(name)}_log.txt')]
+    assert after == [3, 6, 9, 12]  # nothing replayed, nothing skipped
+    expected, got = run_files(whole, name), run_files(parts, name)
+    assert_same_tensors(got, expected, 'resumed run')
+    if name == 'mgd':
+        assert set(got['resume']['generators']) == {'mgd'} and 'criterion.align.weight' in got['resume']['method_state']
+    assert [json.loads(line)['iteration'] for line in got['history']] == [6, 12]
+
+
+def test_grad_accum_on_one_process_follows_two_processes(setup, tmp_path):
+    """Batch 4 as 2 micro-batches of 2 on one process against 2 processes of 2: the same samples, draws and
+    averaged gradients, so the weights agree to rounding (the sums run in another order). BatchNorm running
+    statistics differ by design: each micro-batch updates them on one process, rank 0's are kept on two."""
+    base = common(setup['data'], tmp_path, batch=4, iters=3, skip_val=True) + BASELINE
+    one, two = tmp_path / 'one', tmp_path / 'two'
+    must_succeed(run([PYTHON, script('train_baseline.py')] + base + ['--grad-accum', '2', '--save-dir', str(one)],
+                     tmp_path))
+    must_succeed(run(torchrun(2) + [script('train_baseline.py')] + base + ['--save-dir', str(two)], tmp_path))
+    a = load(one / f'{stem("baseline")}.pth')
+    b = load(two / f'{stem("baseline")}.pth')
+    start = load(two / f'{stem("baseline")}_resume.pth')
+    assert a.keys() == b.keys()
+    moved = 0
+    for key in a:
+        if key.endswith(('running_mean', 'running_var', 'num_batches_tracked')):
+            continue
+        torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-5, msg=key)
+        moved += 1
+    assert moved > 100 and start['iteration'] == 3
+    # accumulation is not a smaller batch: with --grad-accum 1 on one process (batch 4 at once) BatchNorm sees
+    # 4 images per forward, and the weights differ
+    whole = tmp_path / 'whole'
+    must_succeed(run([PYTHON, script('train_baseline.py')] + base + ['--save-dir', str(whole)], tmp_path))
+    c = load(whole / f'{stem("baseline")}.pth')
+    assert not all(torch.allclose(a[k], c[k], rtol=1e-4, atol=1e-5) for k in a if a[k].is_floating_point())
+
+
+# ---------------------------------------------------------------- the contract, with a made-up method
+
+class Counter(nn.Module):
+    """State that changes every forward and is equal on every process by construction."""
+    local_buffers = ('calls', 'noise')
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer('calls', torch.zeros((), dtype=torch.long))
+        self.register_buffer('noise', torch.zeros(()))
+
+
+def make_toy_method(nets, probe_scale=1.0, phases=None):
+    from utils.method import DistillationMethod, frozen
+
+    class ToyMethod(DistillationMethod):
+        logged_only = ('Probe Loss',)
+
+        def __init__(self):
+            super().__init__()
+            c = nets.num_class
+            self.adapter = nn.Conv2d(c, c, 1)                      # trained with the student
+            self.critic = nn.Linear(c, 1)                          # trained by its own optimizer
+            self.counter = Counter()                               # a buffer DDP must leave alone
+            self.generator = self.add_generator('toy')             # a random stream
+            self.add_optimizer('critic', self.critic, lambda params, lr: torch.optim.SGD(params, lr=lr), 0.5)
+            self.phase = 'student'
+            if phases is not None:
+                self.critic.weight.register_hook(lambda grad: phases.append(self.phase))
+
+        def forward(self, s_outputs, t_outputs, labels):
+            self.phase = 'student'
+            draw = torch.rand((), generator=self.generator)
+            self.counter.calls += 1
+            self.counter.noise += draw
+            s, t = s_outputs[0], t_outputs[0]
+            with frozen(self.critic):
+                adversarial = self.critic(s.mean((2, 3))).mean()
+            toy = (self.adapter(s) - t).square().mean() * (1 + draw) + 0.01 * adversarial
+            return {'Toy Loss': toy, 'Probe Loss': probe_scale * s.square().mean()}
+
+        def own_loss(self, name, s_outputs, t_outputs, labels):
+            self.phase = 'own'
+            loss = (self.critic(t_outputs[0].mean((2, 3))) - self.critic(s_outputs[0].mean((2, 3)))).mean()
+            return loss, {'Critic Loss': loss}
+
+    return ToyMethod()
+
+
+def train_toy(setup, folder, probe_scale=1.0, phases=None, stop_after=None, resume=False, iters=4):
+    from utils import train_loop
+    from utils.options import build_parser, validate_args
+    parser = build_parser('toy', distillation=True)
+    argv = common(setup['data'], folder, iters=iters, log_iter=1, save_per_iters=2, val_per_iters=iters) + STUDENT + [
+        '--teacher-model', 'deeplabv3_mobile', '--teacher-backbone', 'mobile', '--teacher-pretrained', setup['teacher']]
+    args = validate_args(parser, parser.parse_args(argv + (['--resume', 'auto'] if resume else [])))
+    built = []
+
+    def build(nets):
+        built.append(make_toy_method(nets, probe_scale, phases))
+        return built[0]
+
+    original = train_loop.Trainer._after_step
+
+    def after_step(self, iteration, meter, start_time):
+        original(self, iteration, meter, start_time)
+        if iteration == stop_after:
+            self.writer.wait()
+            raise KeyboardInterrupt  # a crash after the resume file of this iteration
+
+    train_loop.Trainer._after_step = after_step
+    try:
+        student = train_loop.run_training(args, 'toy', build)
+    except KeyboardInterrupt:
+        student = None
+    finally:
+        train_loop.Trainer._after_step = original
+    return student, built[0]
+
+
+def test_method_contract_with_a_made_up_method(setup, tmp_path):
+    phases = []
+    student, method = train_toy(setup, tmp_path / 'a', phases=phases)
+    stem_toy = 'toy_psp_mobile_mobile_citys'
+    resume = load(tmp_path / 'a' / 'ckpt' / f'{stem_toy}_resume.pth')
+    # the critic got gradients only in its own step, never from the student's backward
+    assert phases and set(phases) == {'own'}
+    # its own optimizer trained it; the student's SGD holds the student and the adapter, not the critic
+    assert set(resume['own_optimizers']) == {'critic'}
+    sgd = resume['optimizer']['param_groups']
+    assert len(sgd) == 2 and len(sgd[1]['params']) == 2  # adapter weight and bias
+    assert not torch.equal(resume['method_state']['critic.weight'], make_toy_method_init(setup)['critic.weight'])
+    # the buffers, the generator and the logged terms
+    assert int(resume['method_state']['counter.calls']) == 4
+    assert set(resume['generators']) == {'toy'}
+    assert method.unsynchronised_names() >= {'counter.calls', 'counter.noise', 'critic.weight', 'critic.bias'}
+    lines = log_lines(tmp_path / 'a' / 'logs' / f'{stem_toy}_log.txt')
+    assert len(lines) == 4 and all('Probe Loss' in m.group(0) and 'Critic Loss' in m.group(0) for m in lines)
+    # a logged-only term is not back-propagated: another scale of it leaves the run unchanged
+    other, _ = train_toy(setup, tmp_path / 'b', probe_scale=1000.0)
+    assert_same_tensors(other.state_dict(), student.state_dict(), 'student')
+    # a crash after iteration 2 and --resume auto: everything the method owns comes back
+    train_toy(setup, tmp_path / 'c', stop_after=2)
+    assert load(tmp_path / 'c' / 'ckpt' / f'{stem_toy}_resume.pth')['iteration'] == 2
+    resumed, resumed_method = train_toy(setup, tmp_path / 'c', resume=True)
+    assert_same_tensors(resumed.state_dict(), student.state_dict(), 'student')
+    assert_same_tensors(resumed_method.state_dict(), method.state_dict(), 'method')
+    final = load(tmp_path / 'c' / 'ckpt' / f'{stem_toy}_resume.pth')
+    for key in ('method_state', 'own_optimizers', 'generators', 'optimizer', 'student'):
+        assert_same_tensors(final[key], resume[key], key)
+
+
+def make_toy_method_init(setup):
+    """The toy method as built before training (the loop seeds torch from --seed before building)."""
+    from utils.seeding import derive_seed
+    from utils.train_loop import Networks
+    torch.manual_seed(derive_seed(0, 'init'))
+    from models.model_zoo import get_segmentation_model
+    get_segmentation_model('psp_mobile', 'mobile', 19, False)  # the student is built first
+    get_segmentation_model('deeplabv3_mobile', 'mobile', 19, True)
+    nets = Networks(None, None, 19, torch.device('cpu'), nn.BatchNorm2d)
+    return make_toy_method(nets).state_dict()
+
+
+def test_history_and_flags_files(setup, tmp_path):
+    train_toy(setup, tmp_path, iters=4)
+    flags = json.loads((tmp_path / 'logs' / 'toy_psp_mobile_mobile_citys_flags.json').read_text())
+    assert flags['method'] == 'toy' and flags['seed'] == 0 and flags['flags']['lr'] == 0.01
+    assert os.path.isfile(tmp_path / 'ckpt' / 'toy_psp_mobile_mobile_citys_history.jsonl')

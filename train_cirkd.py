@@ -1,0 +1,124 @@
+"""Cross-image relational knowledge distillation (CIRKD): pixel-wise KD, pixel-pair relations across the
+images of the mini-batch, and pixel-to-pixel / pixel-to-region relations against class memories of teacher
+embeddings, as the original zju-SWJ/HWD train_cirkd.py.
+
+C. Yang, H. Zhou, Z. An, X. Jiang, Y. Xu, Q. Zhang, "Cross-Image Relational Knowledge Distillation for
+Semantic Segmentation", CVPR 2022, https://arxiv.org/abs/2204.06986.
+
+    python -m torch.distributed.launch --nproc_per_node=4 train_cirkd.py --gpu-id 0,1,2,3 --dataset citys \
+        --teacher-model deeplabv3 --teacher-backbone resnet101 \
+        --teacher-pretrained ckpt/deeplabv3_resnet101_citys_best_model.pth \
+        --student-model deeplabv3 --student-backbone resnet18 \
+        --student-pretrained-base pretrained/resnet18-imagenet.pth
+
+Loss: task loss (+0.4 aux) + --lambda-kd x KD ("KD Loss") + --lambda-minibatch-pixel x mini-batch pixel
+pairs ("Mini-batch p2p Loss") + --lambda-memory-pixel x memory pixel-to-pixel ("Memory p2p Loss") +
+--lambda-memory-region x memory pixel-to-region ("Memory p2r Loss"). The memory sizes are per class; the
+contrast sizes are totals, divided among the classes as the original does (flag // classes + 1). Every
+process holds the same memories (the teacher embeddings of the whole global batch are enqueued, with draws
+from a generator seeded alike on every process); they take memory on every GPU:
+classes x (pixel + region memory size) x teacher feature channels x 4 bytes (0.43 GB for Cityscapes with
+the defaults, 3.4 GB for ADE20K).
+"""
+import sys
+
+from dataset import dataset_info
+from losses import CriterionKD, CriterionMiniBatchCrossImagePair, StudentSegContrast
+from utils.errors import run_main
+from utils.method import DistillationMethod
+from utils.options import build_parser, non_negative_float, positive_float, positive_int, validate_args
+from utils.train_loop import run_training
+
+METHOD = 'cirkd'
+PIXEL_UPDATE_FREQ = 16  # teacher pixel vectors enqueued per class and image, at most (the original's)
+
+
+class CIRKDDistillation(DistillationMethod):
+    """KD, the mini-batch relation term and the two memory terms; the projection head is trained with the
+    student, the memories and their generator are the method's state."""
+
+    def __init__(self, args, nets):
+        super().__init__()
+        self.lambda_kd = args.lambda_kd
+        self.lambda_minibatch = args.lambda_minibatch_pixel
+        self.lambda_pixel = args.lambda_memory_pixel
+        self.lambda_region = args.lambda_memory_region
+        self.kd = CriterionKD(temperature=args.kd_temperature)
+        self.minibatch = CriterionMiniBatchCrossImagePair(temperature=args.contrast_temperature)
+        self.memory = None
+        if self.lambda_pixel or self.lambda_region:
+            num_class = nets.num_class
+            self.memory = StudentSegContrast(
+                num_class, pixel_memory_size=args.pixel_memory_size, region_memory_size=args.region_memory_size,
+                pixel_contrast_size=args.pixel_contrast_size // num_class + 1,
+                region_contrast_size=args.region_contrast_size // num_class + 1,
+                contrast_kd_temperature=args.contrast_kd_temperature,
+                contrast_temperature=args.contrast_temperature, ignore_label=args.ignore_label,
+                s_channels=nets.feature_channels(nets.student), t_channels=nets.feature_channels(nets.teacher),
+                pixel_update_freq=PIXEL_UPDATE_FREQ, norm_layer=nets.norm_layer,
+                # the same draws on every process, so that the memories stay equal
+                generator=self.add_generator('cirkd_memory', shared=True))
+
+    def forward(self, s_outputs, t_outputs, labels):
+        s_logits, t_logits = s_outputs[0], t_outputs[0]
+        s_feat, t_feat = s_outputs[-1], t_outputs[-1]
+        terms = {}
+        if self.lambda_kd:
+            terms['KD Loss'] = self.lambda_kd * self.kd(s_logits, t_logits)
+        if self.lambda_minibatch:
+            terms['Mini-batch p2p Loss'] = self.lambda_minibatch * self.minibatch(s_feat, t_feat)
+        if self.memory is not None:
+            pixel, region = self.memory(s_feat, t_feat, labels)
+            if self.lambda_pixel:
+                terms['Memory p2p Loss'] = self.lambda_pixel * pixel
+            if self.lambda_region:
+                terms['Memory p2r Loss'] = self.lambda_region * region
+        return terms
+
+
+def parse_args(argv=None):
+    parser = build_parser('Cross-image relational knowledge distillation for semantic segmentation',
+                          distillation=True)
+    group = parser.add_argument_group('CIRKD')
+    group.add_argument('--pixel-memory-size', type=positive_int, default=20000,
+                       help=f'teacher pixel embeddings kept per class (at least {PIXEL_UPDATE_FREQ})')
+    group.add_argument('--pixel-contrast-size', type=positive_int, default=4096,
+                       help='pixel embeddings drawn from the memory per iteration, over all classes')
+    group.add_argument('--region-memory-size', type=positive_int, default=2000,
+                       help='teacher region embeddings kept per class')
+    group.add_argument('--region-contrast-size', type=positive_int, default=1024,
+                       help='region embeddings drawn from the memory per iteration, over all classes')
+    group.add_argument('--kd-temperature', type=positive_float, default=1.0, help='temperature of KD')
+    group.add_argument('--contrast-kd-temperature', type=positive_float, default=1.0,
+                       help='temperature of the memory terms\' KL')
+    group.add_argument('--contrast-temperature', type=positive_float, default=0.1,
+                       help='temperature of the similarities')
+    group.add_argument('--lambda-kd', type=non_negative_float, default=1.0, help='weight of KD')
+    group.add_argument('--lambda-minibatch-pixel', type=non_negative_float, default=1.0,
+                       help='weight of the mini-batch pixel-pair term')
+    group.add_argument('--lambda-memory-pixel', type=non_negative_float, default=0.1,
+                       help='weight of the memory pixel-to-pixel term')
+    group.add_argument('--lambda-memory-region', type=non_negative_float, default=0.1,
+                       help='weight of the memory pixel-to-region term')
+    args = validate_args(parser, parser.parse_args(argv))
+    if args.pixel_memory_size < PIXEL_UPDATE_FREQ:
+        parser.error(f'--pixel-memory-size {args.pixel_memory_size}: at least {PIXEL_UPDATE_FREQ} (the pixel '
+                     'embeddings one image enqueues per class)')
+    # the number of classes divides the contrast sizes among the classes
+    num_class = dataset_info(args.dataset, args.data).num_class
+    for kind in ('pixel', 'region'):
+        total, memory = getattr(args, f'{kind}_contrast_size'), getattr(args, f'{kind}_memory_size')
+        if total // num_class + 1 > memory:
+            parser.error(f'--{kind}-contrast-size {total} draws {total // num_class + 1} embeddings per class '
+                         f'({num_class} classes) from a memory of --{kind}-memory-size {memory}: lower it to at '
+                         f'most {memory * num_class - 1} or raise the memory size')
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    return run_training(args, METHOD, lambda nets: CIRKDDistillation(args, nets))
+
+
+if __name__ == '__main__':
+    sys.exit(run_main(main))
