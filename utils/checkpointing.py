@@ -16,17 +16,10 @@ import torch
 
 from models.checkpoint import safe_load
 from utils.errors import UserError
+from utils.results import EXECUTION_FLAGS, FILE_FLAGS
 
 RESUME_FORMAT = 'hwd-resume-v2'
 
-# Flags that say where and how a run is executed, not what it computes: they may change on resume.
-RESUME_FREE_FLAGS = frozenset({
-    'workers', 'gpu_id', 'no_cuda', 'local_rank', 'save_dir', 'log_dir', 'log_iter', 'save_per_iters',
-    'val_per_iters', 'skip_val', 'resume', 'data'})
-# Checkpoint flags: a file may move to another folder, so only its name must stay the same.
-RESUME_FILE_FLAGS = frozenset({
-    'pretrained', 'pretrained_base', 'teacher_pretrained', 'teacher_pretrained_base', 'student_pretrained',
-    'student_pretrained_base'})
 
 
 class ResumeError(UserError):
@@ -155,7 +148,7 @@ def load_resume_state(path):
 
 
 def _flag_value(key, value):
-    if key in RESUME_FILE_FLAGS and isinstance(value, str):
+    if key in FILE_FLAGS and isinstance(value, str):
         return os.path.basename(os.path.normpath(value))
     return value
 
@@ -167,7 +160,7 @@ def resume_differences(saved, args):
     now = flags_for_resume(args)
     problems = []
     for key in sorted(set(saved) | set(now)):
-        if key in RESUME_FREE_FLAGS or key in ('rank', 'world_size', 'distributed', 'device'):
+        if key in EXECUTION_FLAGS:
             continue
         before, after = _flag_value(key, saved.get(key)), _flag_value(key, now.get(key))
         if before != after:

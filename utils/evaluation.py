@@ -3,7 +3,8 @@
 - `ShardSampler`: every process gets a disjoint strided share of the data set, every image is seen
   exactly once (no padding, unlike DistributedSampler), so the summed confusion matrix does not
   depend on the number of processes;
-- `predict`: multi-scale and flipped inference (scales and horizontal flip, as the original's eval.py), logits at the image's full size;
+- `predict`: multi-scale and horizontally flipped inference, as the original's eval.py, logits at the
+  image's full size;
 - `evaluate`: runs `predict` over a loader and returns the confusion matrix summed over processes.
 """
 import math
