@@ -411,3 +411,19 @@ def test_plain_checkpoint_is_not_a_resume_file(tmp_path):
     torch.save({'conv.weight': torch.zeros(1)}, path)
     with pytest.raises(ResumeError, match='not a resume file'):
         load_resume_state(str(path))
+
+
+def test_hwd_settings_get_their_own_folders(setup, tmp_path, monkeypatch):
+    """Without --save-dir / --log-dir each HWD setting writes to its own folder, as the original's
+    train_hwd.py, so a sweep of settings keeps every checkpoint; explicit folders win."""
+    import train_hwd
+    monkeypatch.chdir(tmp_path)
+    base = ['--no-cuda', '--data', setup['data']] + distill(setup)
+    paper = train_hwd.parse_args(base + ['--activation', '--shift', '1.0', '--DivPixel', 'N'])
+    assert paper.save_dir == paper.log_dir == './final_hwd/Activation_MSE_E0.1_Shift1.0_DivN'
+    other = train_hwd.parse_args(base + ['--L', 'L1', '--process', 'T', '--parameter', '2.0'])
+    assert other.save_dir == './final_hwd/Logit_L1_T2.0'
+    weighted = train_hwd.parse_args(base + ['--lambda-hwd', '1.0'])
+    assert weighted.save_dir == './final_hwd/Logit_MSE_E0.1_Lambda1.0'
+    chosen = train_hwd.parse_args(base + ['--save-dir', 'mine', '--log-dir', 'mylogs'])
+    assert (chosen.save_dir, chosen.log_dir) == ('mine', 'mylogs')
