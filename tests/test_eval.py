@@ -1,5 +1,7 @@
 """eval.py end to end on the toy Cityscapes data: numbers against an independent computation, one
 process against two, saved predictions (colours, labelIds, panels), the test split, and the errors."""
+import hashlib
+import json
 import os
 import re
 import subprocess
@@ -13,6 +15,7 @@ from PIL import Image
 
 import eval as eval_script
 from dataset import CITYSCAPES_TRAINID_TO_LABELID, build_dataset
+from dataset.class_names import CITYSCAPES_CLASSES
 from dataset.toy import make_toy_dataset
 from models.model_zoo import get_segmentation_model
 from utils.errors import run_main
@@ -124,6 +127,15 @@ def test_eval_one_scale_against_direct_computation_and_saved_files(val_root, che
     assert pix_acc == pytest.approx(ref_acc, abs=6e-4) and miou == pytest.approx(ref_miou, abs=6e-4)
     assert iou == ref_iou
     assert '-' in iou  # some classes occur in neither labels nor predictions: left out of the mean
+    # the JSON beside the text log: what a paper table needs, the same numbers as printed
+    record = json.loads((save_dir / f'{RUN}_val.json').read_text())
+    assert (record['dataset'], record['split'], record['images'], record['scales'], record['flip']) == (
+        'citys', 'val', 3, [1.0], False)
+    assert record['checkpoint'] == os.path.basename(with_aux)
+    assert record['sha256'] == hashlib.sha256(open(with_aux, 'rb').read()).hexdigest()
+    assert round(record['pixAcc'], 3) == pix_acc and round(record['mIoU'], 3) == miou
+    assert list(record['IoU']) == list(CITYSCAPES_CLASSES)
+    assert ['-' if v is None else f'{v:.3f}' for v in record['IoU'].values()] == iou
     # Not a trivial comparison: several classes predicted, some of them right somewhere.
     assert len(np.unique(np.concatenate([p.ravel() for p in preds.values()]))) >= 4
     assert len(set(iou) - {'-', '0.000'}) >= 2
@@ -186,6 +198,30 @@ def test_test_split_writes_predictions_without_metrics(checkpoints, tmp_path):
     assert len(expected) == 2
     assert sorted(p.stem for p in (out / 'labelIds').glob('*.png')) == expected
     assert sorted(p.stem for p in out.glob('*.png')) == expected
+
+
+def test_ade20k_test_images_without_labels(tmp_path):
+    """--split test on ADE20K: --data is the folder of the test images (settings.py DATA_ADE20K_TEST); the
+    predictions are written, no metric."""
+    images = tmp_path / 'testing'
+    images.mkdir()
+    rng = np.random.default_rng(0)
+    for name in ('ADE_test_00000001', 'ADE_test_00000002'):
+        Image.fromarray(rng.integers(0, 256, (40, 56, 3), dtype=np.uint8)).save(images / f'{name}.jpg')
+    torch.manual_seed(0)
+    checkpoint = tmp_path / 'psp_mobile_ade20k.pth'
+    torch.save(get_segmentation_model('psp_mobile', 'mobile', 150, False).state_dict(), checkpoint)
+    save_dir = tmp_path / 'out'
+    status = run_eval(['--model', 'psp_mobile', '--backbone', 'mobile', '--dataset', 'ade20k', '--method', 'kd',
+                       '--data', images, '--pretrained', checkpoint, '--save-dir', save_dir, '--split', 'test',
+                       '--workers', '0', '--no-cuda'])
+    assert status == 0
+    out = save_dir / 'psp_mobile_mobile_ade20k_kd'
+    assert sorted(p.stem for p in out.glob('*.png')) == ['ADE_test_00000001', 'ADE_test_00000002']
+    prediction = Image.open(out / 'ADE_test_00000001.png')
+    assert prediction.size == (56, 40)
+    text = (save_dir / 'psp_mobile_mobile_ade20k_kd_test.txt').read_text()
+    assert 'Overall validation' not in text
 
 
 def test_error_checkpoint_of_another_network(val_root, tmp_path, capsys):
