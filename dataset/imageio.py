@@ -2,23 +2,16 @@
 channels (grey ones repeated, EXIF orientation not applied), labels as their stored values (palette
 indices for palette PNGs, never colours).
 
-torchvision.io (libpng / libjpeg) decodes; torchvision 0.29 deprecates its decoders, so PIL takes
-over when they are gone (same results: PIL does not apply EXIF orientation either).
+torchvision.io (libpng / libjpeg) decodes (PIL would give the same: it does not apply EXIF orientation
+either).
 """
 import os
 import warnings
 
-import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from torchvision.io import ImageReadMode, decode_image, read_file
 
 from dataset.errors import DataError
-
-try:
-    from torchvision.io import ImageReadMode, decode_image, read_file
-except ImportError:  # a torchvision without image decoders
-    decode_image = None
-
 
 
 def _check_file(path, what):
@@ -45,38 +38,19 @@ def _decode_torchvision(path, what, mode):
         raise _bad_file(path, what, error) from None
 
 
-def _open_pil(path, what):
-    try:
-        image = Image.open(path)
-        image.load()
-        return image
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as error:
-        raise _bad_file(path, what, error) from None
-
-
 def read_image(path):
     """uint8 tensor (3, H, W) in RGB order."""
     _check_file(path, 'image')
-    if decode_image is not None:
-        image = _decode_torchvision(path, 'image', ImageReadMode.RGB)
-        if image.dtype != torch.uint8:  # 16-bit PNG: keep the high byte, as OpenCV's IMREAD_COLOR does
-            image = (image.to(torch.int32) >> 8).to(torch.uint8)
-        return image
-    pil = _open_pil(path, 'image')
-    if pil.mode in ('I;16', 'I;16B', 'I'):
-        pil = Image.fromarray((np.asarray(pil, dtype=np.int64) >> 8).astype(np.uint8))
-    return torch.from_numpy(np.asarray(pil.convert('RGB')).copy()).permute(2, 0, 1)
+    image = _decode_torchvision(path, 'image', ImageReadMode.RGB)
+    if image.dtype != torch.uint8:  # 16-bit PNG: keep the high byte, as OpenCV's IMREAD_COLOR does
+        image = (image.to(torch.int32) >> 8).to(torch.uint8)
+    return image
 
 
 def read_label(path):
     """Integer tensor (H, W) of the stored values (uint8, or int32 for 16-bit PNGs)."""
     _check_file(path, 'label')
-    if decode_image is not None:
-        label = _decode_torchvision(path, 'label', ImageReadMode.UNCHANGED)
-    else:
-        array = np.asarray(_open_pil(path, 'label'))   # 'P' mode gives the palette indices
-        label = torch.from_numpy(array.copy())
-        label = label[None] if label.dim() == 2 else label.permute(2, 0, 1)
+    label = _decode_torchvision(path, 'label', ImageReadMode.UNCHANGED)
     if label.dtype != torch.uint8:
         label = label.to(torch.int32)
     channels = label.shape[0]

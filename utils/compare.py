@@ -43,6 +43,8 @@ import statistics
 import sys
 from dataclasses import dataclass, field
 
+from PIL import Image, ImageDraw, ImageFont
+
 from utils.errors import UserError, run_main
 from utils.results import EXECUTION_FLAGS, FILE_FLAGS, FLAGS_SUFFIX, HISTORY_SUFFIX, read_history
 
@@ -436,7 +438,6 @@ def _wrap(draw, text, font, width, most=3):
 
 
 def _fonts():
-    from PIL import ImageFont
     return {name: ImageFont.load_default(size=size) for name, size in (('tick', 16), ('label', 17), ('small', 15),
                                                                          ('title', 19))}
 
@@ -444,7 +445,6 @@ def _fonts():
 def draw_axes(image, box, rows, first_iteration, title, fonts):
     """The curves of `rows` from `first_iteration` on, in the plot area `box` = (left, top, right, bottom) of
     `image`, with ticks, grid, axis titles and a title above."""
-    from PIL import Image, ImageDraw
     left, top, right, bottom = box
     draw = ImageDraw.Draw(image)
     runs = [run for row in rows for run in row.runs]
@@ -505,7 +505,6 @@ def draw_axes(image, box, rows, first_iteration, title, fonts):
 
 def legend_width(groups, fonts):
     """Width of the legend column: the longest entry of any group, within bounds."""
-    from PIL import Image, ImageDraw
     draw = ImageDraw.Draw(Image.new('RGB', (1, 1)))
     longest = max(draw.textlength(f'{row.label} ({len(row.runs)})', font=fonts['small'])
                   for _, rows in groups for row in rows)
@@ -514,7 +513,6 @@ def legend_width(groups, fonts):
 
 def draw_panel(image, top, group, rows, legend, fonts):
     """One group: the whole run and the second half zoomed in, side by side, and the legend on the right."""
-    from PIL import ImageDraw
     draw = ImageDraw.Draw(image)
     dataset, model, backbone = group
     draw.text((PANEL_WIDTH // 2, top + 20), f'{dataset}, student {model}/{backbone}: validation mIoU of every run',
@@ -552,7 +550,6 @@ def draw_panel(image, top, group, rows, legend, fonts):
 
 def plot(groups, path):
     """Write the PNG of every group's curves, one panel below the other."""
-    from PIL import Image
     fonts = _fonts()
     legend = legend_width(groups, fonts)
     image = Image.new('RGB', (PANEL_WIDTH, PANEL_HEIGHT * len(groups)), 'white')

@@ -12,6 +12,7 @@ import math
 import torch
 import torch.nn.functional as F
 from torch.utils.data import Sampler
+from tqdm import tqdm
 
 from utils.distributed import get_rank, get_world_size
 from utils.metric import ConfusionMatrix
@@ -116,7 +117,6 @@ def evaluate(model, loader, num_class, device, scales=(1.0,), flip=False, progre
     matrix = ConfusionMatrix(num_class, device=device)
     batches = loader
     if progress:
-        from tqdm import tqdm
         batches = tqdm(loader, desc='eval', dynamic_ncols=True)
     try:
         for position, batch in enumerate(batches):
