@@ -15,6 +15,7 @@ import textwrap
 import pytest
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from launch import PYTHON, REPO, assert_same_tensors, common, load, log_lines, must_succeed, run, script, torchrun
 
 pytestmark = pytest.mark.slow
@@ -177,7 +178,8 @@ def make_toy_method(nets, probe_scale=1.0, phases=None):
             s, t = s_outputs[0], t_outputs[0]
             with frozen(self.critic):
                 adversarial = self.critic(s.mean((2, 3))).mean()
-            toy = (self.adapter(s) - t).square().mean() * (1 + draw) + 0.01 * adversarial
+            # mse_loss saves the teacher's tensor for its backward: the teacher's outputs must allow that
+            toy = F.mse_loss(self.adapter(s), t) * (1 + draw) + 0.01 * adversarial
             return {'Toy Loss': toy, 'Probe Loss': probe_scale * s.square().mean()}
 
         def own_loss(self, name, s_outputs, t_outputs, labels):
