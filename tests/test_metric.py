@@ -229,14 +229,15 @@ def test_voc_ade_coco_palettes():
 
 
 def test_denormalize_and_panel():
-    rgb = np.random.default_rng(0).integers(0, 256, (6, 8, 3)).astype(np.uint8)
+    # pictures wide enough for their titles (a title wider than its picture widens the column)
+    rgb = np.random.default_rng(0).integers(0, 256, (48, 64, 3)).astype(np.uint8)
     normalised = rgb[:, :, ::-1].transpose(2, 0, 1).astype(np.float32) - np.array(
         IMAGE_MEAN_BGR, np.float32).reshape(3, 1, 1)
     assert np.array_equal(denormalize_image(torch.from_numpy(normalised)), rgb)
-    label = np.zeros((6, 8), np.int64)
+    label = np.zeros((48, 64), np.int64)
     panel = make_panel([('image', rgb), ('gt', colorize_rgb(label, 'citys')),
                         ('pred', colorize(label, 'citys')), ('half', rgb[::2, ::2])])
     assert panel.mode == 'RGB'
-    assert panel.height > 6 and panel.width == 8 * 4 + 4 * 3
+    assert panel.height > 48 and panel.width == 64 * 4 + 4 * 3
     # The first column is pasted unchanged below the title bar.
-    assert np.array_equal(np.array(panel)[-6:, :8], rgb)
+    assert np.array_equal(np.array(panel)[-48:, :64], rgb)

@@ -5,7 +5,7 @@
 3. trains the same small student (DeepLabV3-MobileNetV2) three ways with the real scripts:
    train_baseline.py, train_cwd.py and train_hwd.py (recommended flags), two processes each under
    torchrun with the gloo backend;
-4. evaluates the teacher and the three students with eval.py;
+4. evaluates the teacher and the three students with eval.py (its JSON files in outputs/demo/eval/);
 5. prints a table (method, mIoU, pixAcc, gain over the baseline) and writes to outputs/demo/ a picture
    image | ground truth | teacher | baseline | CWD | HWD for a few validation images, and a plot of the
    HWD channel weights of one batch.
@@ -16,18 +16,27 @@ over. `--smoke` runs every step at the smallest sizes (the tests use it).
 import argparse
 import json
 import os
-import re
 import shutil
 import subprocess
 import sys
 import time
 from dataclasses import dataclass
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if REPO not in sys.path:
-    sys.path.insert(0, REPO)
+import numpy as np
+import torch
 
-SUMMARY = re.compile(r'Overall validation pixAcc: ([0-9.]+), mIoU: ([0-9.]+)')
+from dataset import DATASET_INFO, build_dataset
+from dataset.toy import make_toy_dataset
+from losses import CriterionHWD
+from models.model_zoo import load_trained_model
+from utils.checkpointing import checkpoint_paths, checkpoint_stem
+from utils.errors import StopCommand, run_main
+from utils.evaluation import predict
+from utils.palette import class_colors, colorize_rgb
+from utils.results import file_sha256
+from utils.visualize import denormalize_image, make_panel, stack_vertically, text_block, weight_bars
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @dataclass
@@ -59,10 +68,23 @@ RUNS = [
     ('CWD', 'train_cwd.py', 'cwd', STUDENT),
     ('HWD', 'train_hwd.py', 'hwd', STUDENT),
 ]
+# Column titles of comparison.png, in the words of the pictures' header.
+COLUMN_TITLES = {'Teacher': 'teacher', 'Baseline': 'baseline'}
 
 
-class DemoStepFailed(Exception):
+class DemoStepFailed(StopCommand):
     """A script the demo runs exited with an error (its message says which)."""
+
+    def describe(self):
+        return f'demo: {self}'
+
+
+def read_json(path):
+    """The object in a JSON file, or None when there is no such file."""
+    if not os.path.isfile(path):
+        return None
+    with open(path, encoding='utf-8') as handle:
+        return json.load(handle)
 
 
 def say(message):
@@ -87,7 +109,6 @@ class Demo:
         if os.path.exists(marker):
             say(f'data set already at {self.data}')
             return
-        from dataset.toy import make_toy_dataset
         s = self.sizes
         say(f'writing a toy Cityscapes data set ({s.num_train} train, {s.num_val} val, '
             f'{s.image_size[0]}x{s.image_size[1]}) to {self.data}')
@@ -99,7 +120,6 @@ class Demo:
 
     def checkpoint(self, method, model, backbone):
         """The latest checkpoint the training script writes, by the name training gives it."""
-        from utils.checkpointing import checkpoint_paths, checkpoint_stem
         return checkpoint_paths(self.ckpt, checkpoint_stem(method, model, backbone, 'citys'))['latest']
 
     def train(self, title, script, method, net):
@@ -131,23 +151,23 @@ class Demo:
         return final
 
     def evaluate(self, title, method, net, checkpoint):
+        """pixAcc and mIoU (percent) from the JSON file eval.py writes; eval.py runs again only when that
+        file is missing or was written for another checkpoint (its SHA-256 says which)."""
         model, backbone = net
-        result_file = os.path.join(self.eval_dir, f'{title.lower()}.json')
-        if os.path.exists(result_file) and os.path.getmtime(result_file) >= os.path.getmtime(checkpoint):
-            with open(result_file) as f:
-                return json.load(f)
-        say(f'{title}: evaluating with eval.py')
-        cmd = [sys.executable, 'eval.py', '--dataset', 'citys', '--data', self.data, '--no-cuda',
-               '--workers', '0', '--model', model, '--backbone', backbone, '--method', title.lower(),
-               '--pretrained', checkpoint, '--save-dir', self.eval_dir]
-        output = self.run(cmd, capture=True)
-        match = SUMMARY.search(output)
-        if not match:
-            raise RuntimeError(f'eval.py printed no summary line for {title}:\n{output}')
-        result = {'pixAcc': float(match.group(1)), 'mIoU': float(match.group(2))}
-        with open(result_file, 'w') as f:
-            json.dump(result, f)
-        return result
+        name = title.lower()
+        result_file = os.path.join(self.eval_dir, f'{model}_{backbone}_citys_{name}_val.json')
+        digest = file_sha256(checkpoint)
+        record = read_json(result_file)
+        if record is None or record.get('sha256') != digest:
+            say(f'{title}: evaluating with eval.py')
+            cmd = [sys.executable, 'eval.py', '--dataset', 'citys', '--data', self.data, '--no-cuda',
+                   '--workers', '0', '--model', model, '--backbone', backbone, '--method', name,
+                   '--pretrained', checkpoint, '--save-dir', self.eval_dir]
+            output = self.run(cmd, capture=True)
+            record = read_json(result_file)
+            if record is None or record.get('sha256') != digest:
+                raise DemoStepFailed(f'eval.py wrote no results for {title} to {result_file}:\n{output[-3000:]}')
+        return {'pixAcc': record['pixAcc'], 'mIoU': record['mIoU']}
 
     def run(self, cmd, capture=False):
         shown = ' '.join(os.path.relpath(c, REPO) if c.startswith(REPO + os.sep) else c for c in cmd[1:])
@@ -175,16 +195,6 @@ class Demo:
         return '\n'.join(lines)
 
     def pictures(self, checkpoints):
-        import numpy as np
-        import torch
-
-        from dataset import DATASET_INFO, build_dataset
-        from losses import CriterionHWD
-        from models.model_zoo import load_trained_model
-        from utils.evaluation import predict
-        from utils.palette import class_colors, colorize_rgb
-        from utils.visualize import denormalize_image, make_panel, stack_vertically, weight_bars
-
         torch.set_num_threads(2)
         val = build_dataset('citys', 'val', data_root=self.data)
         nets = {}
@@ -198,8 +208,14 @@ class Demo:
             columns = [('image', denormalize_image(image)), ('ground truth', colorize_rgb(label, 'citys'))]
             with torch.no_grad():
                 for title, _, _, _ in RUNS:
-                    columns.append((title, colorize_rgb(predict(nets[title], image[None]).argmax(1)[0], 'citys')))
+                    prediction = predict(nets[title], image[None]).argmax(1)[0]
+                    columns.append((COLUMN_TITLES.get(title, title), colorize_rgb(prediction, 'citys')))
             rows.append(make_panel(columns))
+        header = text_block("Toy Cityscapes validation images and the networks' predictions.\n"
+                            f'teacher: {TEACHER[0]}/{TEACHER[1]}; baseline, CWD, HWD: the student '
+                            f'{STUDENT[0]}/{STUDENT[1]} trained alone, with CWD, with HWD',
+                            width=max(row.width for row in rows))
+        rows.insert(0, header)
         comparison = os.path.join(self.out, 'comparison.png')
         stack_vertically(rows).save(comparison)
 
@@ -232,11 +248,7 @@ def main(argv=None):
 
     if args.nproc < 1:
         parser.error('--nproc must be at least 1')
-    try:
-        return run_demo(args)
-    except DemoStepFailed as error:
-        print(f'demo: {error}', file=sys.stderr)
-        return 1
+    return run_demo(args)
 
 
 def run_demo(args):
@@ -263,4 +275,4 @@ def run_demo(args):
 
 
 if __name__ == '__main__':
-    sys.exit(main())
+    sys.exit(run_main(main))
