@@ -9,8 +9,6 @@ the table shows the median over the rounds and the ratio to the original algorit
 """
 import argparse
 import os
-import random
-import statistics
 import sys
 import time
 
@@ -18,7 +16,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bench.table import print_ratio_table  # noqa: E402
+from bench.table import interleaved_medians, print_ratio_table  # noqa: E402
 from losses.ifv import CriterionIFV  # noqa: E402
 from tests.reference.skd_ifvd import original_ifv  # noqa: E402
 
@@ -42,16 +40,8 @@ def bench_shape(num_class, repeats, batch=4, size=64, student_channels=128, teac
         'CriterionIFV': ifv,
         'original IFV algorithm': lambda s, t, y: original_ifv(s, t, y, num_class),
     }
-    times = {name: [] for name in candidates}
-    order = list(candidates)
-    rng = random.Random(seed)
-    for name in order:  # warm-up
-        time_once(candidates[name], student, teacher, labels)
-    for _ in range(repeats):
-        rng.shuffle(order)
-        for name in order:
-            times[name].append(time_once(candidates[name], student, teacher, labels))
-    return {name: statistics.median(values) for name, values in times.items()}
+    return interleaved_medians(candidates, lambda loss_fn: time_once(loss_fn, student, teacher, labels), repeats,
+                               seed)
 
 
 def main():

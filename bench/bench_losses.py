@@ -19,8 +19,6 @@ import argparse
 import ctypes
 import ctypes.util
 import os
-import random
-import statistics
 import sys
 import time
 
@@ -28,7 +26,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bench.table import print_ratio_table  # noqa: E402
+from bench.table import interleaved_medians, print_ratio_table  # noqa: E402
 from losses import CriterionCWD, CriterionHWD  # noqa: E402
 from tests.reference.hwd import original_hwd_loss  # noqa: E402
 
@@ -76,18 +74,10 @@ def bench_shape(num_class, repeats, inner, batch=4, logit_size=64, label_size=51
     teacher = torch.randn(batch, num_class, logit_size, logit_size, generator=generator)
     labels = torch.randint(-1, num_class, (batch, label_size, label_size), generator=generator)
     candidates = make_candidates()
-    times = {name: [] for name in candidates}
-    order = list(candidates)
-    rng = random.Random(seed)
-    for name in order:  # warm-up
-        time_once(candidates[name], student, teacher, labels)
-    for _ in range(repeats):
-        rng.shuffle(order)
-        for name in order:
-            # best of a few back-to-back runs: drops the runs another process pre-empted and the page
-            # faults the previous candidate's memory pattern left behind
-            times[name].append(min(time_once(candidates[name], student, teacher, labels) for _ in range(inner)))
-    return {name: statistics.median(values) for name, values in times.items()}
+    # best of `inner` back-to-back runs: drops the runs another process pre-empted and the page faults the
+    # previous candidate's memory pattern left behind
+    return interleaved_medians(candidates, lambda loss_fn: time_once(loss_fn, student, teacher, labels), repeats,
+                               seed, inner)
 
 
 def main():

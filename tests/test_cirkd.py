@@ -11,6 +11,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn as nn
 import torch.nn.functional as F
+from assertions import assert_same
 
 import losses.cirkd as cirkd
 from losses.channel import LossSettingError
@@ -20,19 +21,6 @@ from tests.reference.cirkd import PlainMemoryContrast, original_minibatch_pair_l
 PRECISIONS = [(torch.float64, 1e-10), (torch.float32, 1e-4)]
 
 pytestmark = pytest.mark.usefixtures('one_thread')
-
-
-def assert_same(ours, reference, inputs, rtol, reference_inputs=None):
-    """Equal values and equal gradients with respect to every tensor of `inputs` (of `reference_inputs`,
-    their counterparts, for the reference)."""
-    assert ours.dtype == reference.dtype
-    assert math.isfinite(ours.item())
-    assert ours.item() == pytest.approx(reference.item(), rel=rtol, abs=rtol)
-    grads = torch.autograd.grad(ours, inputs, retain_graph=True)
-    reference_grads = torch.autograd.grad(reference, reference_inputs or inputs, retain_graph=True)
-    for grad, reference_grad in zip(grads, reference_grads, strict=True):
-        atol = rtol * reference_grad.abs().max().item() + torch.finfo(grad.dtype).eps / 2
-        torch.testing.assert_close(grad, reference_grad, rtol=rtol, atol=atol)
 
 
 def random_features(n, c_s, c_t, h, w, dtype=torch.float64, seed=0):

@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+from assertions import assert_same
 
 from losses.channel import LossSettingError
 from losses.dist import CriterionDIST
@@ -26,20 +27,6 @@ def random_pair(shape, dtype=torch.float64, scale=3.0, seed=0, teacher_shape=Non
     student = (scale * torch.randn(shape, generator=generator, dtype=dtype)).requires_grad_()
     teacher = scale * torch.randn(teacher_shape or shape, generator=generator, dtype=dtype)
     return student, teacher
-
-
-def assert_same(ours, reference, inputs, rtol, reference_inputs=None):
-    """Equal values, and equal gradients with respect to every tensor of `inputs` (of `reference_inputs`,
-    their counterparts, for the reference)."""
-    assert ours.dtype == reference.dtype
-    assert ours.item() == pytest.approx(reference.item(), rel=rtol, abs=rtol)
-    grads = torch.autograd.grad(ours, inputs, retain_graph=True)
-    reference_grads = torch.autograd.grad(reference, reference_inputs or inputs, retain_graph=True)
-    for grad, reference_grad in zip(grads, reference_grads, strict=True):
-        # relative to the largest entry, plus half an ulp of 1: with two classes DIST's inter-class
-        # gradient is pure rounding noise (the correlation of two points is always +-1)
-        atol = rtol * reference_grad.abs().max().item() + torch.finfo(grad.dtype).eps / 2
-        torch.testing.assert_close(grad, reference_grad, rtol=rtol, atol=atol)
 
 
 # ---------------------------------------------------------------- KD
