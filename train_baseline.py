@@ -12,6 +12,7 @@ from utils.options import build_parser, validate_args
 from utils.train_loop import run_training
 
 METHOD = 'baseline'
+YEAR = 0  # no method: the first row of comparisons
 
 
 def parse_args(argv=None):

@@ -30,6 +30,10 @@ from utils.options import build_parser, non_negative_float, positive_float, posi
 from utils.train_loop import run_training
 
 METHOD = 'cirkd'
+YEAR = 2022
+# Memories small enough for a short run on a few tiny images (19 classes x 64 pixels, 8 regions).
+QUICK_FLAGS = ['--pixel-memory-size', '64', '--region-memory-size', '8', '--pixel-contrast-size', '190',
+               '--region-contrast-size', '38']
 PIXEL_UPDATE_FREQ = 16  # teacher pixel vectors enqueued per class and image, at most (the original's)
 
 
@@ -54,14 +58,14 @@ class CIRKDDistillation(DistillationMethod):
                 region_contrast_size=args.region_contrast_size // num_class + 1,
                 contrast_kd_temperature=args.contrast_kd_temperature,
                 contrast_temperature=args.contrast_temperature, ignore_label=args.ignore_label,
-                s_channels=nets.feature_channels(nets.student), t_channels=nets.feature_channels(nets.teacher),
+                s_channels=nets.student.feature_channels, t_channels=nets.teacher.feature_channels,
                 pixel_update_freq=PIXEL_UPDATE_FREQ, norm_layer=nets.norm_layer,
                 # the same draws on every process, so that the memories stay equal
                 generator=self.add_generator('cirkd_memory', shared=True))
 
     def forward(self, s_outputs, t_outputs, labels):
-        s_logits, t_logits = s_outputs[0], t_outputs[0]
-        s_feat, t_feat = s_outputs[-1], t_outputs[-1]
+        s_logits, t_logits = s_outputs.logits, t_outputs.logits
+        s_feat, t_feat = s_outputs.features, t_outputs.features
         terms = {}
         if self.lambda_kd:
             terms['KD Loss'] = self.lambda_kd * self.kd(s_logits, t_logits)

@@ -19,6 +19,7 @@ from utils.options import build_parser, non_negative_float, positive_float, vali
 from utils.train_loop import run_training
 
 METHOD = 'cwd'
+YEAR = 2021
 
 
 class CWDDistillation(DistillationMethod):
@@ -32,9 +33,10 @@ class CWDDistillation(DistillationMethod):
         self.adapter = adapter
 
     def forward(self, s_outputs, t_outputs, labels):
-        terms = {'Logit Loss': self.lambda_logit * self.criterion(s_outputs[0], t_outputs[0])}
+        terms = {'Logit Loss': self.lambda_logit * self.criterion(s_outputs.logits, t_outputs.logits)}
         if self.adapter is not None:
-            terms['Feat Loss'] = self.lambda_feat * self.criterion(self.adapter(s_outputs[-1]), t_outputs[-1])
+            terms['Feat Loss'] = self.lambda_feat * self.criterion(self.adapter(s_outputs.features),
+                                                                     t_outputs.features)
         return terms
 
 
@@ -51,7 +53,7 @@ def parse_args(argv=None):
 def build_method(args, nets):
     adapter = None
     if args.lambda_feat > 0:
-        adapter = FeatureAdapter(nets.feature_channels(nets.student), nets.feature_channels(nets.teacher),
+        adapter = FeatureAdapter(nets.student.feature_channels, nets.teacher.feature_channels,
                                  nets.norm_layer)
     return CWDDistillation(args.temperature, args.lambda_logit, args.lambda_feat, adapter)
 

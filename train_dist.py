@@ -22,6 +22,7 @@ from utils.options import build_parser, non_negative_float, validate_args
 from utils.train_loop import run_training
 
 METHOD = 'dist'
+YEAR = 2022
 
 
 class DISTDistillation(DistillationMethod):
@@ -33,7 +34,7 @@ class DISTDistillation(DistillationMethod):
         self.weight = weight
 
     def forward(self, s_outputs, t_outputs, labels):
-        return {'DIST Loss': self.weight * self.criterion(s_outputs[0], t_outputs[0])}
+        return {'DIST Loss': self.weight * self.criterion(s_outputs.logits, t_outputs.logits)}
 
 
 def parse_args(argv=None):

@@ -9,7 +9,7 @@
 
 Loss: task loss (+0.4 aux) + --lambda-hwd x CriterionHWD(student logits, teacher logits, labels).
 Without --save-dir / --log-dir, every HWD setting gets its own folder, as in the original:
-./final_hwd/Activation_MSE_E0.1_Shift1.0 for the command above.
+./hwd/Activation_MSE_E0.1_Shift1.0 for the command above.
 """
 import os
 import sys
@@ -21,7 +21,11 @@ from utils.options import build_parser, finite_float, non_negative_float, positi
 from utils.train_loop import run_training
 
 METHOD = 'hwd'
-SETTINGS_ROOT = './final_hwd'
+YEAR = 2023
+# The setting the paper recommends (README of the original).
+RECOMMENDED_FLAGS = ['--activation', '--L', 'MSE', '--process', 'E', '--parameter', '0.1', '--shift', '1.0',
+                     '--DivPixel', 'None']
+SETTINGS_ROOT = './hwd'
 
 
 class HWDDistillation(DistillationMethod):
@@ -33,7 +37,7 @@ class HWDDistillation(DistillationMethod):
         self.weight = weight
 
     def forward(self, s_outputs, t_outputs, labels):
-        return {'HWD Loss': self.weight * self.criterion(s_outputs[0], t_outputs[0], labels)}
+        return {'HWD Loss': self.weight * self.criterion(s_outputs.logits, t_outputs.logits, labels)}
 
 
 def make_criterion(args):
@@ -43,7 +47,7 @@ def make_criterion(args):
 
 
 def setting_folder(args):
-    """The original's folder of one HWD setting, e.g. ./final_hwd/Activation_MSE_E0.1_Shift1.0_DivN. The
+    """The original's folder of one HWD setting, e.g. ./hwd/Activation_MSE_E0.1_Shift1.0_DivN. The
     flags the original lacks (--lambda-hwd, --temperature) and a shift with --process T (which the original
     left out, so two such settings shared a folder) are added when they are not the defaults."""
     name = ('Activation_' if args.activation else 'Logit_') + f'{args.L}_{args.process}{args.parameter}'

@@ -23,6 +23,8 @@ from utils.options import build_parser, validate_args
 from utils.train_loop import run_training
 
 METHOD = 'ifvd'
+YEAR = 2020
+MIN_CROP = 512  # the discriminator's 64 x 64 logits at output stride 8
 
 
 class IFVDDistillation(AdversarialDistillation):
@@ -34,7 +36,7 @@ class IFVDDistillation(AdversarialDistillation):
     def feature_terms(self, s_outputs, t_outputs, labels):
         if not self.lambda_ifv:
             return {}
-        return {'IFV Loss': self.lambda_ifv * self.ifv(s_outputs[-1], t_outputs[-1], labels)}
+        return {'IFV Loss': self.lambda_ifv * self.ifv(s_outputs.features, t_outputs.features, labels)}
 
 
 def parse_args(argv=None):

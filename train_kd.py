@@ -18,6 +18,7 @@ from utils.options import build_parser, non_negative_float, positive_float, vali
 from utils.train_loop import run_training
 
 METHOD = 'kd'
+YEAR = 2015  # Hinton et al.
 
 
 class KDDistillation(DistillationMethod):
@@ -29,7 +30,7 @@ class KDDistillation(DistillationMethod):
         self.weight = weight
 
     def forward(self, s_outputs, t_outputs, labels):
-        return {'KD Loss': self.weight * self.criterion(s_outputs[0], t_outputs[0])}
+        return {'KD Loss': self.weight * self.criterion(s_outputs.logits, t_outputs.logits)}
 
 
 def parse_args(argv=None):

@@ -24,6 +24,7 @@ from utils.options import build_parser, non_negative_float, probability, validat
 from utils.train_loop import run_training
 
 METHOD = 'mgd'
+YEAR = 2022
 
 
 class MGDDistillation(DistillationMethod):
@@ -37,7 +38,7 @@ class MGDDistillation(DistillationMethod):
         self.alpha = alpha
 
     def forward(self, s_outputs, t_outputs, labels):
-        return {'MGD Loss': self.alpha * self.criterion(s_outputs[-1], t_outputs[-1])}
+        return {'MGD Loss': self.alpha * self.criterion(s_outputs.features, t_outputs.features)}
 
 
 def parse_args(argv=None):
@@ -52,7 +53,7 @@ def parse_args(argv=None):
 def build_method(args, nets):
     if args.alpha_mgd == 0:
         return None  # nothing to distil: no generator to train
-    return MGDDistillation(nets.feature_channels(nets.student), nets.feature_channels(nets.teacher),
+    return MGDDistillation(nets.student.feature_channels, nets.teacher.feature_channels,
                            args.lambda_mgd, args.alpha_mgd)
 
 

@@ -23,6 +23,8 @@ from utils.options import build_parser, validate_args
 from utils.train_loop import run_training
 
 METHOD = 'skd'
+YEAR = 2019
+MIN_CROP = 512  # the discriminator's 64 x 64 logits at output stride 8
 
 
 class SKDDistillation(AdversarialDistillation):
@@ -34,7 +36,7 @@ class SKDDistillation(AdversarialDistillation):
     def feature_terms(self, s_outputs, t_outputs, labels):
         if not self.lambda_pa:
             return {}
-        return {'PairWise Loss': self.lambda_pa * self.pairwise(s_outputs[-1], t_outputs[-1])}
+        return {'PairWise Loss': self.lambda_pa * self.pairwise(s_outputs.features, t_outputs.features)}
 
 
 def parse_args(argv=None):

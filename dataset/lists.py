@@ -34,11 +34,20 @@ def _split_folder(key, split):
                         f'{", ".join(_SPLIT_FOLDERS.get(key, {}))})') from None
 
 
+# Where the test images lie under a data set's root: ADE20K's SceneParsing release_test/testing/ (or an
+# images/testing/ beside training/ and validation/), COCO's images/test2017/.
+TEST_IMAGE_FOLDERS = {
+    'ade20k': (os.path.join('release_test', 'testing'), os.path.join('images', 'testing')),
+    'coco': (os.path.join('images', 'test2017'),),
+}
+
+
 def layout_hint(key, split):
     """Where scanning looks for the samples of a split, for error messages."""
     folder = _SPLIT_FOLDERS.get(key, {}).get(split, split)
     if split == 'test' and key in ('ade20k', 'coco'):
-        return '*.jpg directly under the test root'
+        places = ', '.join(f'{folder}/*.jpg' for folder in TEST_IMAGE_FOLDERS[key])
+        return f'*.jpg directly under the test root, or under the data set root in {places}'
     return {
         'citys': f'leftImg8bit/{folder}/<city>/*_leftImg8bit.png with gtFine/{folder}/<city>/*_gtFine_labelIds.png',
         'voc': f'SegmentationClassAug/<id>.png with JPEGImages/<id>.jpg, split by {VOC_ID_FILES["val"]}'
@@ -131,8 +140,14 @@ def scan_layout(key, root, split, labelled=True):
         images = [p for p in _glob(root, 'images', folder, '*') if _is_image_path(p)]
         return [(image, os.path.join(root, 'labels', folder, _stem(image) + '.png') if labelled else None)
                 for image in images]
-    if split == 'test':  # ADE20K / COCO-Stuff test roots hold the images themselves
-        return [(image, None) for image in _glob(root, '*.jpg')]
+    if split == 'test':
+        # The test root holds the images themselves (settings.py's DATA_ADE20K_TEST / DATA_COCO_TEST); given the
+        # data set's root instead, they are found at their standard place under it.
+        for where in ('',) + TEST_IMAGE_FOLDERS.get(key, ()):
+            images = _glob(root, *filter(None, (where, '*.jpg')))
+            if images:
+                return [(image, None) for image in images]
+        return []
     return [(image, os.path.join(root, 'annotations', folder, _stem(image) + '.png') if labelled else None)
             for image in _glob(root, 'images', folder, '*.jpg')]
 

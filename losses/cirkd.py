@@ -25,6 +25,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
+from .align import resize_like
 from .channel import LossSettingError, autocast_disabled, loss_precision
 from .hwd_loss import resize_labels_nearest
 
@@ -159,6 +160,7 @@ class CriterionMiniBatchCrossImagePair(nn.Module):
         return f'temperature={self.temperature}'
 
     def forward(self, feat_S, feat_T):
+        feat_S = resize_like(feat_S, feat_T)  # another family's stride (losses/align.py)
         if feat_S.dim() != 4 or feat_T.dim() != 4 or feat_S.shape[0] != feat_T.shape[0] \
                 or feat_S.shape[2:] != feat_T.shape[2:]:
             raise ValueError('student and teacher features must be N x C x h x w with the same N, h and w, '
@@ -307,6 +309,7 @@ class StudentSegContrast(nn.Module):
                 f'pixel_update_freq={self.pixel_update_freq}')
 
     def forward(self, s_feats, t_feats, labels):
+        s_feats = resize_like(s_feats, t_feats)  # another family's stride (losses/align.py)
         self._check_inputs(s_feats, t_feats, labels)
         n, _, h, w = s_feats.shape
         device = s_feats.device

@@ -5,6 +5,7 @@ P = softmax(X / tau), and the student is pulled towards the teacher by KL(P_T ||
 """
 import torch.nn as nn
 
+from .align import resize_like
 from .channel import autocast_disabled, channel_kl, check_pair, check_temperature, loss_precision
 
 __all__ = ['CriterionCWD', 'FeatureAdapter']
@@ -20,6 +21,7 @@ class CriterionCWD(nn.Module):
         self.temperature = check_temperature(temperature)
 
     def forward(self, preds_S, preds_T):
+        preds_S = resize_like(preds_S, preds_T)
         check_pair(preds_S, preds_T)
         n, c = preds_S.shape[:2]
         dtype = loss_precision(preds_S)

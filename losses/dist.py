@@ -15,6 +15,7 @@ import math
 import torch
 import torch.nn as nn
 
+from .align import resize_like
 from .channel import LossSettingError, autocast_disabled, check_pair, loss_precision
 
 __all__ = ['CriterionDIST']
@@ -62,7 +63,9 @@ class CriterionDIST(nn.Module):
 
     def forward(self, preds_S, preds_T):
         """preds_S, preds_T: student and teacher logits, N x C x h x w. Returns a scalar (a constant 0
-        when beta and gamma are both 0)."""
+        when beta and gamma are both 0). The student's logits are resized to the teacher's size when they
+        differ (losses/align.py)."""
+        preds_S = resize_like(preds_S, preds_T)
         check_pair(preds_S, preds_T)
         if preds_S.numel() == 0:
             raise ValueError(f'DIST needs at least one pixel and one class, got {tuple(preds_S.shape)}')

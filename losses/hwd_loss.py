@@ -13,6 +13,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .align import resize_like
 from .channel import (
     DISTANCES,
     LossSettingError,
@@ -136,6 +137,7 @@ class CriterionHWD(nn.Module):
         return self._kl_and_weights(preds_S, preds_T, labels)[1]
 
     def _kl_and_weights(self, preds_S, preds_T, labels):
+        preds_S = resize_like(preds_S, preds_T)  # another family's stride (losses/align.py)
         check_pair(preds_S, preds_T)
         n, c, h, w = preds_S.shape
         if labels.dim() != 3 or labels.shape[0] != n or labels.is_floating_point():

@@ -14,6 +14,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .align import resize_like
 from .channel import LossSettingError, autocast_disabled, loss_precision
 from .hwd_loss import resize_labels_nearest
 from .pairwise import check_feature_pair
@@ -94,7 +95,8 @@ class CriterionIFV(nn.Module):
 
     def forward(self, feat_S, feat_T, labels):
         """feat_S: N x Cs x h x w, feat_T: N x Ct x h x w, labels: integer N x H x W at any resolution (the
-        crop's). Returns a scalar."""
+        crop's). feat_S is resized to the teacher's h x w when they differ (losses/align.py). Returns a scalar."""
+        feat_S = resize_like(feat_S, feat_T)
         check_feature_pair(feat_S, feat_T)
         n, _, h, w = feat_S.shape
         if labels.dim() != 3 or labels.shape[0] != n or labels.is_floating_point() or labels.is_complex():

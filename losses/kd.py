@@ -14,6 +14,7 @@ import math
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .align import resize_like
 from .channel import LossSettingError, autocast_disabled, check_pair, loss_precision
 
 __all__ = ['CriterionKD']
@@ -40,7 +41,9 @@ class CriterionKD(nn.Module):
         return f'temperature={self.temperature}'
 
     def forward(self, preds_S, preds_T):
-        """preds_S, preds_T: student and teacher logits, N x C x h x w. Returns a scalar."""
+        """preds_S, preds_T: student and teacher logits, N x C x h x w (the student's resized to the
+        teacher's size when they differ, see losses/align.py). Returns a scalar."""
+        preds_S = resize_like(preds_S, preds_T)
         check_pair(preds_S, preds_T)
         if preds_S.numel() == 0:
             raise ValueError(f'KD needs at least one pixel and one class, got {tuple(preds_S.shape)}')

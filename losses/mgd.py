@@ -18,6 +18,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .align import resize_like
 from .channel import LossSettingError, autocast_disabled, loss_precision
 
 __all__ = ['CriterionMGD']
@@ -88,6 +89,7 @@ class CriterionMGD(nn.Module):
         """preds_S: student features N x Cs x h x w; preds_T: teacher features N x Ct x h x w;
         mask: optional N x 1 x h x w tensor of 0 and 1 (floating or bool) used instead of a random
         draw (then nothing is drawn). Returns a scalar."""
+        preds_S = resize_like(preds_S, preds_T)  # another family's stride (losses/align.py)
         if preds_S.dim() != 4 or preds_T.dim() != 4:
             raise ValueError(f'MGD needs N x C x h x w features, got {tuple(preds_S.shape)} and '
                              f'{tuple(preds_T.shape)}')

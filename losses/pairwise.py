@@ -12,6 +12,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .align import resize_like
 from .channel import autocast_disabled, loss_precision
 
 __all__ = ['CriterionPairWise', 'check_feature_pair']
@@ -44,7 +45,9 @@ class CriterionPairWise(nn.Module):
     """
 
     def forward(self, feat_S, feat_T):
-        """feat_S: N x Cs x h x w, feat_T: N x Ct x h x w. Returns a scalar."""
+        """feat_S: N x Cs x h x w, feat_T: N x Ct x h x w (feat_S resized to the teacher's h x w when they
+        differ, see losses/align.py). Returns a scalar."""
+        feat_S = resize_like(feat_S, feat_T)
         check_feature_pair(feat_S, feat_T)
         dtype = loss_precision(feat_S)
         with autocast_disabled(feat_S.device.type):

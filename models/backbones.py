@@ -1,12 +1,17 @@
-"""Dilated backbones with output stride 8: ResNet "v1s" (deep stem) and MobileNetV2.
+"""Dilated backbones with output stride 8: ResNet "v1s" (deep stem), ResNet "vanilla" (7x7 stem) and MobileNetV2.
 
 Module names follow the released CIRKD checkpoints: the ResNet's state dict keys are
-`conv1.weight`, `layer1.0.conv1.weight`, ...; MobileNetV2's are `net.features.<i>....`. Each backbone
-has `checkpoint_root`, the sub-module whose keys match an ImageNet backbone file, and
-`out_channels` (channels of each returned stage). `forward` returns the list of stage outputs; the
-segmentation heads use the last one, the auxiliary head the one before it.
+`conv1.weight`, `layer1.0.conv1.weight`, ...; MobileNetV2's are `net.features.<i>....`. Every backbone of the
+model zoo states:
+
+- `out_channels` / `out_strides`: channels and stride of each stage output that `forward` returns (a list; the
+  segmentation heads use the last one, the auxiliary head the one before it);
+- `checkpoint_root`: the sub-module whose keys an ImageNet backbone file holds;
+- `imagenet_layouts`: the layouts of ImageNet files it reads, tried in order (see models/checkpoint.py).
 """
 import torch.nn as nn
+
+from .checkpoint import plain_layout
 
 
 def conv3x3(in_ch, out_ch, stride=1, dilation=1, groups=1):
@@ -74,21 +79,33 @@ class Bottleneck(nn.Module):
 
 
 class ResNetV1s(nn.Module):
-    """ResNet with the 3-conv deep stem, layer3/layer4 dilated 2/4 instead of strided (stride 8)."""
+    """ResNet with layer3/layer4 dilated 2/4 instead of strided (stride 8), on the 3-conv deep stem ("v1s",
+    `deep_stem=True`) or on the 7x7 stem of the original ResNet ("vanilla", also torchvision's key names)."""
 
-    def __init__(self, block, depths, norm_layer=nn.BatchNorm2d):
+    # The released files of CIRKD, and torchvision's (the vanilla ResNets have its names); a whole segmentation
+    # network's `pretrained.` keys are read too.
+    imagenet_layouts = (('CIRKD / torchvision ResNet', plain_layout(('', 'pretrained.', 'backbone.'))),)
+
+    def __init__(self, block, depths, norm_layer=nn.BatchNorm2d, deep_stem=True):
         super().__init__()
-        self.conv1 = conv3x3(3, 64, stride=2)
-        self.bn1 = norm_layer(64)
-        self.relu1 = nn.ReLU(inplace=True)
-        self.conv2 = conv3x3(64, 64)
-        self.bn2 = norm_layer(64)
-        self.relu2 = nn.ReLU(inplace=True)
-        self.conv3 = conv3x3(64, 128)
-        self.bn3 = norm_layer(128)
-        self.relu3 = nn.ReLU(inplace=True)
+        self.deep_stem = deep_stem
+        if deep_stem:
+            self.conv1 = conv3x3(3, 64, stride=2)
+            self.bn1 = norm_layer(64)
+            self.relu1 = nn.ReLU(inplace=True)
+            self.conv2 = conv3x3(64, 64)
+            self.bn2 = norm_layer(64)
+            self.relu2 = nn.ReLU(inplace=True)
+            self.conv3 = conv3x3(64, 128)
+            self.bn3 = norm_layer(128)
+            self.relu3 = nn.ReLU(inplace=True)
+            self._in_ch = 128
+        else:
+            self.conv1 = nn.Conv2d(3, 64, 7, stride=2, padding=3, bias=False)
+            self.bn1 = norm_layer(64)
+            self.relu1 = nn.ReLU(inplace=True)
+            self._in_ch = 64
         self.maxpool = nn.MaxPool2d(3, stride=2, padding=1)
-        self._in_ch = 128
         self.layer1 = self._make_stage(block, 64, depths[0], 1, 1, norm_layer)
         self.layer2 = self._make_stage(block, 128, depths[1], 2, 1, norm_layer)
         self.layer3 = self._make_stage(block, 256, depths[2], 1, 2, norm_layer)
@@ -96,6 +113,7 @@ class ResNetV1s(nn.Module):
         del self._in_ch
         self.out_channels = [64 * block.expansion, 128 * block.expansion,
                              256 * block.expansion, 512 * block.expansion]
+        self.out_strides = [4, 8, 8, 8]
         init_backbone_weights(self)
 
     @property
@@ -117,8 +135,9 @@ class ResNetV1s(nn.Module):
 
     def forward(self, x):
         x = self.relu1(self.bn1(self.conv1(x)))
-        x = self.relu2(self.bn2(self.conv2(x)))
-        x = self.relu3(self.bn3(self.conv3(x)))
+        if self.deep_stem:
+            x = self.relu2(self.bn2(self.conv2(x)))
+            x = self.relu3(self.bn3(self.conv3(x)))
         x = self.maxpool(x)
         c1 = self.layer1(x)
         c2 = self.layer2(c1)
@@ -137,6 +156,26 @@ def resnet50_v1s(norm_layer=nn.BatchNorm2d):
 
 def resnet101_v1s(norm_layer=nn.BatchNorm2d):
     return ResNetV1s(Bottleneck, (3, 4, 23, 3), norm_layer)
+
+
+def resnet18_vanilla(norm_layer=nn.BatchNorm2d):
+    return ResNetV1s(BasicBlock, (2, 2, 2, 2), norm_layer, deep_stem=False)
+
+
+def resnet34_vanilla(norm_layer=nn.BatchNorm2d):
+    return ResNetV1s(BasicBlock, (3, 4, 6, 3), norm_layer, deep_stem=False)
+
+
+def resnet50_vanilla(norm_layer=nn.BatchNorm2d):
+    return ResNetV1s(Bottleneck, (3, 4, 6, 3), norm_layer, deep_stem=False)
+
+
+def resnet101_vanilla(norm_layer=nn.BatchNorm2d):
+    return ResNetV1s(Bottleneck, (3, 4, 23, 3), norm_layer, deep_stem=False)
+
+
+def resnet152_vanilla(norm_layer=nn.BatchNorm2d):
+    return ResNetV1s(Bottleneck, (3, 8, 36, 3), norm_layer, deep_stem=False)
 
 
 class InvertedResidual(nn.Module):
@@ -196,10 +235,13 @@ class _MobileNetV2Features(nn.Module):
 class MobileNetV2Dilated(nn.Module):
     """MobileNetV2 features 0..17 with features.7.. and features.14.. dilated: 320 channels at stride 8."""
 
+    imagenet_layouts = (('CIRKD MobileNetV2', plain_layout(('', 'pretrained.net.', 'net.', 'backbone.'))),)
+
     def __init__(self, norm_layer=nn.BatchNorm2d):
         super().__init__()
         self.net = _MobileNetV2Features(norm_layer)
         self.out_channels = [320]
+        self.out_strides = [8]
         init_backbone_weights(self)
 
     @property

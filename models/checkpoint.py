@@ -16,7 +16,7 @@ from utils.errors import UserError
 logger = logging.getLogger(__name__)
 
 # Extra keys of the ImageNet backbone files (classification layers) that the dilated backbones lack.
-BACKBONE_EXTRA_PREFIXES = ('fc.', 'classifier.', 'features.18.')
+BACKBONE_EXTRA_PREFIXES = ('fc.', 'classifier.', 'features.18.', 'head.')
 # Share of the backbone's tensors a backbone file must provide: fewer means it is the wrong file.
 MIN_BACKBONE_COVERAGE = 0.9
 # How many keys of each kind an error message lists.
@@ -86,8 +86,10 @@ def read_state_dict(path):
     return {(k[len('module.'):] if k.startswith('module.') else k): v for k, v in state.items()}
 
 
-# The final 1x1 classifier of the DeepLabV3 and PSP heads: its rows are the number of classes.
-CLASSIFIER_KEYS = ('head.block.4.weight', 'head.classifier.weight')
+# The final 1x1 classifiers of the heads (DeepLabV3, PSP, UPerNet, SegFormer, and SegFormer in the layout of
+# the official release): their rows are the number of classes.
+CLASSIFIER_KEYS = ('head.block.4.weight', 'head.classifier.weight', 'head.conv_last.1.weight', 'linear_pred.weight',
+                   'decode_head.linear_pred.weight')
 
 
 def classifier_rows(state):
@@ -118,15 +120,15 @@ def _shape_text(shape):
     return '[%s]' % ', '.join(str(d) for d in shape)
 
 
-def load_network_checkpoint(net, path, describe, identify=None):
-    """Load a whole-network state dict strictly; `describe` = (model, backbone, num_class).
+def load_network_checkpoint(net, state, path, describe, identify=None):
+    """Load the whole-network state dict `state`, read from `path`, strictly; `describe` = (model, backbone,
+    num_class).
 
     Only `num_batches_tracked` counters may be absent (files from old PyTorch versions lack them;
     they do not change the outputs). Any other difference raises one CheckpointError that first says
     which network the file holds (`identify(state)` -> text or None) and then lists the missing,
     unexpected and wrongly shaped keys."""
     model, backbone, num_class = describe
-    state = read_state_dict(path)
     expected = net.state_dict()
     missing, unexpected, wrong_shape = _compare(state, expected)
     missing = [k for k in missing if not k.endswith('num_batches_tracked')]
@@ -166,23 +168,40 @@ def _strip_prefix(state, prefix):
     return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
 
 
-def load_backbone_checkpoint(root, path, backbone_name=''):
-    """Load an ImageNet backbone file into `root` (the backbone's `checkpoint_root`).
+def plain_layout(prefixes=('',)):
+    """An ImageNet layout whose keys are the backbone's own names, possibly under one of `prefixes` (a whole
+    segmentation network's `pretrained.`, an OpenMMLab file's `backbone.`): the prefix under which the file
+    matches best is used."""
+    def convert(state, expected):
+        candidates = [_strip_prefix(state, prefix) for prefix in prefixes]
+        best = max(candidates, key=lambda s: sum(k in expected for k in s))
+        return best if any(k in expected for k in best) else None
+    return convert
 
-    The file's keys carry no `pretrained.` prefix; classification keys (fc.*, classifier.*,
-    features.18.*) are skipped. A file of a whole segmentation network is accepted too (its
-    `pretrained.` / `pretrained.net.` keys are used). Coverage is counted over the weights and
-    running statistics, not `num_batches_tracked` (which some released files lack); fewer than 90%
-    of them found, or any found with a wrong shape, raises CheckpointError."""
+
+def load_backbone_checkpoint(net, path, backbone_name=''):
+    """Load an ImageNet backbone file into the network's backbone (`net.imagenet_target()`).
+
+    The file's layout is found among `net.imagenet_layouts()` (name, convert(state, expected) -> state in the
+    backbone's names or None): the layout that provides the most of the backbone's tensors is used, and the
+    log names it. Keys the backbone does not have (classification layers) are skipped. Coverage is counted
+    over the weights and running statistics, not `num_batches_tracked` (which some released files lack); fewer
+    than 90% of them found, or any found with a wrong shape, raises CheckpointError. Returns (found, counted).
+    """
     state = read_state_dict(path)
+    root, counted = net.imagenet_target()
     expected = root.state_dict()
-    # Pick the key prefix under which the file matches best ('' is the released backbone format).
-    candidates = [state] + [_strip_prefix(state, p) for p in ('pretrained.', 'pretrained.net.')]
-    state = max(candidates, key=lambda s: sum(k in expected for k in s))
-    counted = [k for k in expected if not k.endswith('num_batches_tracked')]
-    found = [k for k in counted if k in state]
-    wrong_shape = [k for k in expected if k in state and state[k].shape != expected[k].shape]
     label = ('%s backbone' % backbone_name) if backbone_name else 'backbone'
+    best_name, best, best_found = None, {}, []
+    for name, convert in net.imagenet_layouts():
+        converted = convert(state, expected)
+        if converted is None:
+            continue
+        found = [k for k in counted if k in converted]
+        if len(found) > len(best_found):
+            best_name, best, best_found = name, converted, found
+    state, found = best, best_found
+    wrong_shape = [k for k in expected if k in state and state[k].shape != expected[k].shape]
     if wrong_shape:
         raise CheckpointError(
             'backbone checkpoint %s does not fit the %s: %s. Is it the file for this backbone '
@@ -192,10 +211,11 @@ def load_backbone_checkpoint(root, path, backbone_name=''):
                                                                    _shape_text(expected[k].shape)))))
     if len(found) < MIN_BACKBONE_COVERAGE * len(counted):
         missing = [k for k in counted if k not in state]
+        layouts = ', '.join(name for name, _ in net.imagenet_layouts())
         raise CheckpointError(
-            'backbone checkpoint %s holds only %d of the %d tensors of the %s (at least %d%% needed): '
-            '%s. Is it the file for this backbone (--pretrained-base / --student-pretrained-base)?'
-            % (path, len(found), len(counted), label, round(100 * MIN_BACKBONE_COVERAGE),
+            'backbone checkpoint %s holds only %d of the %d tensors of the %s (at least %d%% needed; layouts '
+            'read: %s): %s. Is it the file for this backbone (--pretrained-base / --student-pretrained-base)?'
+            % (path, len(found), len(counted), label, round(100 * MIN_BACKBONE_COVERAGE), layouts,
                _list_keys('missing keys', missing)))
     usable = {k: v for k, v in state.items() if k in expected}
     skipped = [k for k in state if k not in expected and not k.startswith(BACKBONE_EXTRA_PREFIXES)]
@@ -205,5 +225,5 @@ def load_backbone_checkpoint(root, path, backbone_name=''):
         logger.warning('backbone checkpoint %s lacks %s; they keep their initial values', path,
                        _list_keys('tensors', [k for k in counted if k not in state]))
     root.load_state_dict(usable, strict=False)
-    logger.info('loaded %d of %d backbone tensors from %s', len(found), len(counted), path)
+    logger.info('loaded %d of %d backbone tensors from %s (layout: %s)', len(found), len(counted), path, best_name)
     return len(found), len(counted)

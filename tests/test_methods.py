@@ -39,7 +39,7 @@ def setup(toy_root, tmp_path_factory):
         original = train_loop.Trainer.train
         def train(self):
             student = original(self)
-            method = self.method.state_dict() if self.method is not None else {{}}
+            method = self.built.method.state_dict() if self.built.method is not None else {{}}
             torch.save({{'student': self.student.state_dict(), 'method': method}},
                        os.path.join(os.environ['DUMP_DIR'], 'rank%s.pth' % os.environ['RANK']))
             return student

@@ -58,13 +58,20 @@ def test_layout_matches_released_checkpoints():
         assert built == [(k, list(shape)) for k, shape in keys.items()], name
 
 
+# The final classifiers of the HWD / CIRKD heads on ResNets and HWD's MobileNetV2 (the zoo's other families have
+# tests of their own).
+CLASSIFIERS = {'deeplabv3': 'head.block.4', 'deeplabv3_mobile': 'head.block.4', 'psp': 'head.classifier',
+               'psp_mobile': 'head.classifier', 'upernet': 'head.conv_last.1', 'upernet_lite': 'head.conv_last.1'}
+
+
 def test_only_final_classifiers_have_biases_and_padding_equals_dilation():
-    for model, backbones in MODEL_BACKBONES.items():
-        net = build_segmentation_model(model, backbones[0], 19, aux=True)
+    for model, classifier in CLASSIFIERS.items():
+        backbone = MODEL_BACKBONES[model][0]
+        net = build_segmentation_model(model, backbone, 19, aux=True)
         classifiers = {name for name, m in net.named_modules()
                        if isinstance(m, nn.Conv2d) and m.bias is not None}
-        expected = {'head.block.4' if model.startswith('deeplabv3') else 'head.classifier'}
-        if backbones[0] != 'mobile':
+        expected = {classifier}
+        if backbone != 'mobile':
             expected.add('auxlayer.block.4')
         assert classifiers == expected, model
         for name, m in net.named_modules():
@@ -142,9 +149,10 @@ def test_num_class_changes_only_classifier_rows(num_class):
 
 
 def test_unknown_names_list_the_valid_ones():
-    with pytest.raises(UserError, match=r"--model 'deeplab': unknown.*deeplabv3, psp, deeplabv3_mobile, psp_mobile"):
+    with pytest.raises(UserError, match=r"--model 'deeplab': unknown.*deeplabv3, psp, upernet, .*segformer"):
         get_segmentation_model('deeplab', 'resnet18', 19, True)
-    with pytest.raises(UserError, match=r"--backbone 'resnet34' does not fit.*resnet18, resnet50, resnet101"):
+    with pytest.raises(UserError, match=r"--backbone 'resnet34' does not fit.*resnet18, resnet50, resnet101, "
+                                        r"resnet18_vanilla, resnet34_vanilla"):
         get_segmentation_model('psp', 'resnet34', 19, True)
     with pytest.raises(UserError, match=r"'resnet18'.*deeplabv3_mobile.*mobile"):
         get_segmentation_model('deeplabv3_mobile', 'resnet18', 19, False)

@@ -203,7 +203,7 @@ def test_invalid_discriminator_settings(kwargs, name):
 def test_invalid_discriminator_inputs():
     model = Discriminator(2, 3)
     for size in [(63, 64), (64, 40), (8, 8)]:
-        with pytest.raises(ValueError, match='--crop-size of at least 512'):
+        with pytest.raises(ValueError, match='--crop-size of at least 64 x the output stride'):
             model(torch.randn(1, 3, *size))
     with pytest.raises(ValueError, match='N x 3 x h x w'):
         model(torch.randn(1, 4, 64, 64))
@@ -350,8 +350,6 @@ def test_invalid_ifv_classes(classes):
 
 def test_invalid_feature_and_label_shapes():
     student, teacher = random_features(2, 3, 4, 4, 4)
-    with pytest.raises(ValueError, match='same N, h and w'):
-        CriterionPairWise()(student, teacher[:, :, :3])
     with pytest.raises(ValueError, match='same N, h and w'):
         CriterionIFV(3)(student, teacher[:1], torch.zeros(2, 8, 8, dtype=torch.long))
     with pytest.raises(ValueError, match='same N, h and w'):

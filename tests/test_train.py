@@ -338,7 +338,7 @@ def test_sampler_shares_exactly_and_resumes():
 
 
 def test_poly_lr_counts_from_zero():
-    from utils.train_loop import poly_lr
+    from utils.optim import poly_lr
     assert poly_lr(0.01, 0, 100) == 0.01
     assert poly_lr(0.01, 50, 100) == pytest.approx(0.01 * 0.5 ** 0.9)
 
@@ -359,7 +359,7 @@ def test_atomic_save_leaves_no_partial_file(tmp_path):
 
 
 def test_loss_meter_names_first_bad_iteration():
-    from utils.train_loop import LossMeter, NonFiniteLossError
+    from utils.train_step import LossMeter, NonFiniteLossError
     meter = LossMeter('cpu')
     meter.add({'Task Loss': torch.tensor(1.0), 'HWD Loss': torch.tensor(2.0)}, 1)
     meter.add({'Task Loss': torch.tensor(3.0), 'HWD Loss': torch.tensor(math.inf)}, 2)
@@ -420,10 +420,10 @@ def test_hwd_settings_get_their_own_folders(setup, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     base = ['--no-cuda', '--data', setup['data']] + distill(setup)
     paper = train_hwd.parse_args(base + ['--activation', '--shift', '1.0', '--DivPixel', 'N'])
-    assert paper.save_dir == paper.log_dir == './final_hwd/Activation_MSE_E0.1_Shift1.0_DivN'
+    assert paper.save_dir == paper.log_dir == './hwd/Activation_MSE_E0.1_Shift1.0_DivN'
     other = train_hwd.parse_args(base + ['--L', 'L1', '--process', 'T', '--parameter', '2.0'])
-    assert other.save_dir == './final_hwd/Logit_L1_T2.0'
+    assert other.save_dir == './hwd/Logit_L1_T2.0'
     weighted = train_hwd.parse_args(base + ['--lambda-hwd', '1.0'])
-    assert weighted.save_dir == './final_hwd/Logit_MSE_E0.1_Lambda1.0'
+    assert weighted.save_dir == './hwd/Logit_MSE_E0.1_Lambda1.0'
     chosen = train_hwd.parse_args(base + ['--save-dir', 'mine', '--log-dir', 'mylogs'])
     assert (chosen.save_dir, chosen.log_dir) == ('mine', 'mylogs')

@@ -16,7 +16,9 @@ resume file, as everything a method owns.
 import torch
 
 from losses import CriterionAdv, CriterionAdvForG, CriterionKD
-from models.sagan_models import MIN_LOGIT_SIZE, OUTPUT_STRIDE, Discriminator
+from losses.align import resize_like
+from models.model_zoo import describe_network
+from models.sagan_models import MIN_LOGIT_SIZE, Discriminator
 from utils.method import DistillationMethod, frozen
 from utils.options import non_negative_float, positive_float
 
@@ -41,12 +43,15 @@ def add_adversarial_args(group, feature_flag, feature_default, feature_help):
 
 
 def check_adversarial_args(parser, args):
-    """Refusals at argument time (exit status 2, nothing trained or written)."""
-    smallest = MIN_LOGIT_SIZE * OUTPUT_STRIDE
+    """Refusals at argument time (exit status 2, nothing trained or written). The discriminator sees logits at
+    the teacher's size (the student's are resized to it), so the smallest crop follows the teacher's stride."""
+    stride = describe_network(args.teacher_model, args.teacher_backbone, 1).output_stride
+    smallest = MIN_LOGIT_SIZE * stride
     if min(args.crop_size) < smallest:
         parser.error(f'--crop-size {args.crop_size[0]},{args.crop_size[1]}: the discriminator needs logits of at '
-                     f'least {MIN_LOGIT_SIZE} x {MIN_LOGIT_SIZE} (its last 4 x 4 convolution), i.e. a crop of at '
-                     f'least {smallest} on each side')
+                     f'least {MIN_LOGIT_SIZE} x {MIN_LOGIT_SIZE} (its last 4 x 4 convolution), i.e. with the '
+                     f'{args.teacher_model} teacher (output stride {stride}) a crop of at least {smallest} on '
+                     'each side')
     if args.adv_conv_dim != 64:
         parser.error(f'--adv-conv-dim {args.adv_conv_dim}: only 64 works (the attention layers of the '
                      'discriminator have 256 and 512 channels, the widths of 64)')
@@ -79,16 +84,17 @@ class AdversarialDistillation(DistillationMethod):
     def forward(self, s_outputs, t_outputs, labels):
         terms = {}
         if self.lambda_kd:
-            terms['KD Loss'] = self.lambda_kd * self.kd(s_outputs[0], t_outputs[0])
+            terms['KD Loss'] = self.lambda_kd * self.kd(s_outputs.logits, t_outputs.logits)
         terms.update(self.feature_terms(s_outputs, t_outputs, labels))
         if self.lambda_adv:
             with frozen(self.discriminator):
-                terms['Adv_G Loss'] = self.lambda_adv * self.adv_g(self.discriminator(s_outputs[0]))
+                terms['Adv_G Loss'] = self.lambda_adv * self.adv_g(self.discriminator(
+                    resize_like(s_outputs.logits, t_outputs.logits)))
         return terms
 
     def own_loss(self, name, s_outputs, t_outputs, labels):
         # student first, then teacher: each call has its own batch statistics and power iteration
-        d_out_s = self.discriminator(s_outputs[0])
-        d_out_t = self.discriminator(t_outputs[0])
+        d_out_s = self.discriminator(resize_like(s_outputs.logits, t_outputs.logits))
+        d_out_t = self.discriminator(t_outputs.logits)
         loss = self.lambda_d * self.adv_d(d_out_s, d_out_t)
         return loss, {'Adv_D Loss': loss}

@@ -18,8 +18,7 @@ from models.checkpoint import safe_load
 from utils.errors import UserError
 from utils.results import EXECUTION_FLAGS, FILE_FLAGS
 
-RESUME_FORMAT = 'hwd-resume-v2'
-
+RESUME_FORMAT = 'hwd-resume-v3'
 
 
 class ResumeError(UserError):

@@ -47,12 +47,14 @@ from PIL import Image, ImageDraw, ImageFont
 
 from utils.errors import UserError, run_main
 from utils.results import EXECUTION_FLAGS, FILE_FLAGS, FLAGS_SUFFIX, HISTORY_SUFFIX, read_history
+from utils.scripts import method_order
 
 # Flags that do not tell settings apart: those of utils.results.EXECUTION_FLAGS (where and how a run executes)
 # and --seed, which a sweep varies.
 SWEEP_FLAGS = EXECUTION_FLAGS | {'seed'}
-# Row order: the baseline first, then the methods roughly by age; others after these, by name.
-METHOD_ORDER = ('baseline', 'kd', 'skd', 'ifvd', 'cwd', 'dist', 'mgd', 'cirkd', 'hwd')
+# Row order: the baseline first, then the methods by the year of their paper (the scripts' YEAR); others after
+# these, by name.
+METHOD_ORDER = method_order()
 RECORD_KEYS = ('method', 'model', 'backbone', 'dataset', 'seed', 'flags')
 COLUMN_LABEL = 24  # longer row labels head a per-class column as [n], spelled out above the table
 
@@ -97,6 +99,37 @@ class Run:
     @property
     def best_miou(self):
         return max(r['mIoU'] for r in self.history)
+
+    def _timed_windows(self):
+        """[(seconds per iteration, iterations)] of the validation windows whose record carries its cost."""
+        windows, previous = [], 0
+        for record in self.history:
+            per_iteration = record.get('seconds_per_iteration')
+            if isinstance(per_iteration, (int, float)) and record['iteration'] > previous:
+                windows.append((float(per_iteration), record['iteration'] - previous))
+            previous = record['iteration']
+        return windows
+
+    @property
+    def seconds_per_iteration(self):
+        """Mean wall time of a training iteration over the recorded windows (None for runs without the cost)."""
+        windows = self._timed_windows()
+        iterations = sum(n for _, n in windows)
+        return sum(t * n for t, n in windows) / iterations if iterations else None
+
+    @property
+    def device_hours(self):
+        """Processes x training hours up to the last validation (None for runs without the cost)."""
+        windows = self._timed_windows()
+        if not windows:
+            return None
+        processes = self.record.get('environment', {}).get('processes', self.record.get('world_size', 1))
+        return sum(t * n for t, n in windows) * int(processes) / 3600
+
+    @property
+    def peak_memory_mb(self):
+        peaks = [r['peak_memory_mb'] for r in self.history if isinstance(r.get('peak_memory_mb'), (int, float))]
+        return max(peaks) if peaks else None
 
     def setting(self):
         """The run-defining flags and their values, without the seed (checkpoints by file name)."""
@@ -189,6 +222,11 @@ class Row:
     @property
     def seeds(self):
         return [run.seed for run in self.runs]
+
+    def mean_of(self, value):
+        """Mean of value(run) over the runs where it is known, or None."""
+        values = [v for v in (value(run) for run in self.runs) if v is not None]
+        return statistics.fmean(values) if values else None
 
     def stats(self, value):
         """(mean, sample std or None) of value(run) over the runs."""
@@ -298,6 +336,10 @@ def _mean_spread(mean, spread, signed=False):
     return f'{text} ± {spread:.2f}' if spread is not None else f'{text} ± -'
 
 
+def _number(value, spec):
+    return '-' if value is None else format(value, spec)
+
+
 def _iterations(row):
     finals = sorted({run.final['iteration'] for run in row.runs})
     return str(finals[0]) if len(finals) == 1 else f'{finals[0]}-{finals[-1]}'
@@ -317,6 +359,7 @@ def group_report(group, rows, baseline):
     header = ['method', 'runs', 'seeds', 'last iter', 'final mIoU', 'best mIoU']
     if base is not None:
         header.append(f'gain over {base.label}')
+    header += ['s/it', 'device-h', 'peak MB']
     lines = []
     for row in rows:
         seeds = ' '.join(f'{run.seed}{"*" if run.unfinished else ""}' for run in row.runs)
@@ -324,8 +367,14 @@ def group_report(group, rows, baseline):
                  _mean_spread(*row.stats(lambda r: r.final_miou)), _mean_spread(*row.stats(lambda r: r.best_miou))]
         if base is not None:
             cells.append('(baseline)' if row is base else _mean_spread(*gain(row, base), signed=True))
+        cells += [_number(row.mean_of(lambda r: r.seconds_per_iteration), '.3f'),
+                  _number(row.mean_of(lambda r: r.device_hours), '.2f'),
+                  _number(row.mean_of(lambda r: r.peak_memory_mb), '.0f')]
         lines.append(cells)
-    out.append(format_table(header, lines, [False, True, False, True, True, True, True][:len(header)]))
+    out.append(format_table(header, lines, [False, True, False] + [True] * (len(header) - 3)))
+    out.append('cost: s/it = mean wall seconds of a training iteration (validation excluded), device-h = processes x '
+               'training hours up to the last validation, peak MB = the largest process\'s peak memory (CUDA '
+               'allocated on GPUs, resident on the CPU); means over the runs; - where the runs did not record it')
     for row in rows:
         seeds = [run.seed for run in row.runs]
         repeated = sorted({s for s in seeds if seeds.count(s) > 1})

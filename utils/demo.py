@@ -34,6 +34,7 @@ from utils.errors import StopCommand, run_main
 from utils.evaluation import predict
 from utils.palette import class_colors, colorize_rgb
 from utils.results import file_sha256
+from utils.scripts import training_scripts
 from utils.visualize import denormalize_image, make_panel, stack_vertically, text_block, weight_bars
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -59,15 +60,20 @@ SMOKE = Sizes(num_train=4, num_val=2, image_size=(48, 96), crop='48,48', batch_s
 
 TEACHER = ('deeplabv3', 'resnet18')
 STUDENT = ('deeplabv3_mobile', 'mobile')
-HWD_FLAGS = ['--activation', '--L', 'MSE', '--process', 'E', '--parameter', '0.1', '--shift', '1.0',
-             '--DivPixel', 'None']
-# (title, script, method name, extra flags); the teacher first, then the student three ways.
-RUNS = [
-    ('Teacher', 'train_baseline.py', 'baseline', TEACHER),
-    ('Baseline', 'train_baseline.py', 'baseline', STUDENT),
-    ('CWD', 'train_cwd.py', 'cwd', STUDENT),
-    ('HWD', 'train_hwd.py', 'hwd', STUDENT),
-]
+# The methods the demo compares, by their scripts' METHOD (utils.scripts finds the scripts).
+STUDENT_METHODS = ('baseline', 'cwd', 'hwd')
+TITLES = {'baseline': 'Baseline', 'cwd': 'CWD', 'hwd': 'HWD'}
+
+
+def demo_runs():
+    """[(title, TrainingScript, network)]: the teacher first, then the student once per method."""
+    scripts = training_scripts()
+    runs = [('Teacher', scripts['baseline'], TEACHER)]
+    runs += [(TITLES[method], scripts[method], STUDENT) for method in STUDENT_METHODS]
+    return runs
+
+
+RUNS = demo_runs()
 # Column titles of comparison.png, in the words of the pictures' header.
 COLUMN_TITLES = {'Teacher': 'teacher', 'Baseline': 'baseline'}
 
@@ -122,7 +128,8 @@ class Demo:
         """The latest checkpoint the training script writes, by the name training gives it."""
         return checkpoint_paths(self.ckpt, checkpoint_stem(method, model, backbone, 'citys'))['latest']
 
-    def train(self, title, script, method, net):
+    def train(self, title, script, net):
+        method = script.method
         model, backbone = net
         final = self.checkpoint(method, model, backbone)
         if os.path.exists(final):
@@ -132,20 +139,19 @@ class Demo:
         teacher = title == 'Teacher'
         iters = s.teacher_iters if teacher else s.student_iters
         cmd = [sys.executable, '-m', 'torch.distributed.run', '--standalone', f'--nproc_per_node={self.nproc}',
-               script, '--dataset', 'citys', '--data', self.data, '--no-cuda', '--workers', '1',
+               script.path, '--dataset', 'citys', '--data', self.data, '--no-cuda', '--workers', '1',
                '--crop-size', s.crop, '--batch-size', str(s.batch_size), '--max-iterations', str(iters),
                '--lr', str(s.lr), '--log-iter', str(max(1, iters // 6)), '--skip-val',
                '--save-dir', self.ckpt, '--log-dir', self.logs, '--seed', str(self.seed)]
-        if script == 'train_baseline.py':
+        if not script.distillation:
             cmd += ['--model', model, '--backbone', backbone, '--pretrained-base', 'None']
         else:
             cmd += ['--teacher-model', TEACHER[0], '--teacher-backbone', TEACHER[1],
                     '--teacher-pretrained', self.checkpoint('baseline', *TEACHER),
                     '--student-model', model, '--student-backbone', backbone,
                     '--student-pretrained-base', 'None']
-            if method == 'hwd':
-                cmd += HWD_FLAGS
-        say(f'{title}: training {model}/{backbone} with {script} for {iters} iterations '
+            cmd += list(script.recommended_flags)
+        say(f'{title}: training {model}/{backbone} with {script.name} for {iters} iterations '
             f'({self.nproc} processes under torchrun)')
         self.run(cmd)
         return final
@@ -188,7 +194,7 @@ class Demo:
         base = results['Baseline']['mIoU']
         lines = ['| method | network | mIoU (%) | pixAcc (%) | mIoU gain over the baseline |',
                  '|---|---|---:|---:|---:|']
-        for title, _, _, net in RUNS:
+        for title, _, net in RUNS:
             r = results[title]
             gain = '' if title in ('Teacher', 'Baseline') else f'{r["mIoU"] - base:+.3f}'
             lines.append(f'| {title} | {net[0]}/{net[1]} | {r["mIoU"]:.3f} | {r["pixAcc"]:.3f} | {gain} |')
@@ -198,7 +204,7 @@ class Demo:
         torch.set_num_threads(2)
         val = build_dataset('citys', 'val', data_root=self.data)
         nets = {}
-        for title, _, _, net in RUNS:
+        for title, _, net in RUNS:
             nets[title] = load_trained_model(net[0], net[1], val.num_class, checkpoints[title])
 
         rows = []
@@ -207,7 +213,7 @@ class Demo:
             image, label = torch.as_tensor(image), torch.as_tensor(label)
             columns = [('image', denormalize_image(image)), ('ground truth', colorize_rgb(label, 'citys'))]
             with torch.no_grad():
-                for title, _, _, _ in RUNS:
+                for title, _, _ in RUNS:
                     prediction = predict(nets[title], image[None]).argmax(1)[0]
                     columns.append((COLUMN_TITLES.get(title, title), colorize_rgb(prediction, 'citys')))
             rows.append(make_panel(columns))
@@ -258,10 +264,10 @@ def run_demo(args):
     demo = Demo(args.out, SMOKE if args.smoke else FULL, args.nproc, args.seed)
     demo.make_data()
     checkpoints = {}
-    for title, script, method, net in RUNS:
-        checkpoints[title] = demo.train(title, script, method, net)
-    results = {title: demo.evaluate(title, method, net, checkpoints[title])
-               for title, _, method, net in RUNS}
+    for title, script, net in RUNS:
+        checkpoints[title] = demo.train(title, script, net)
+    results = {title: demo.evaluate(title, script.method, net, checkpoints[title])
+               for title, script, net in RUNS}
     table = demo.table(results)
     comparison, plot = demo.pictures(checkpoints)
     with open(os.path.join(demo.out, 'results.md'), 'w') as f:

@@ -3,6 +3,9 @@
 - `python -m torch.distributed.launch --nproc_per_node=K` passes `--local-rank=N` (current PyTorch) or
   `--local_rank N` (old PyTorch) and sets RANK / WORLD_SIZE / MASTER_ADDR / MASTER_PORT;
 - `torchrun` sets LOCAL_RANK, RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT (also across nodes);
+- SLURM's `srun` starts one task per process and sets SLURM_PROCID, SLURM_NTASKS and SLURM_LOCALID, which are
+  read when RANK is absent; MASTER_ADDR / MASTER_PORT come from the environment (the sbatch script exports
+  them, see the README);
 - plain `python script.py` runs one process without a process group.
 
 NCCL on GPUs, gloo on the CPU (`--no-cuda`, or no GPU present).
@@ -52,15 +55,24 @@ def _env_int(name, default=None):
                         'it is normally set by torchrun or torch.distributed.launch') from None
 
 
+def launcher_environment():
+    """(rank, world_size, local_rank or None, launcher name) from the environment: torchrun /
+    torch.distributed.launch (RANK, WORLD_SIZE, LOCAL_RANK) or, when RANK is absent, SLURM's srun
+    (SLURM_PROCID, SLURM_NTASKS, SLURM_LOCALID); (0, 1, None, 'none') for a plain `python script.py`."""
+    if os.environ.get('RANK') is None and os.environ.get('SLURM_PROCID') is not None \
+            and os.environ.get('SLURM_NTASKS') is not None:
+        return (_env_int('SLURM_PROCID', 0), _env_int('SLURM_NTASKS', 1), _env_int('SLURM_LOCALID'), 'slurm')
+    world_size = _env_int('WORLD_SIZE', 1)
+    return _env_int('RANK', 0), world_size, _env_int('LOCAL_RANK'), 'torchrun' if world_size > 1 else 'none'
+
+
 def init_distributed(args):
     """Set up the process group (when launched with more than one process) and the device.
 
     Stores `rank`, `world_size`, `local_rank`, `distributed` and `device` on `args` and returns a
     DistContext with the same values.
     """
-    world_size = _env_int('WORLD_SIZE', 1)
-    rank = _env_int('RANK', 0)
-    local_rank = _env_int('LOCAL_RANK')
+    rank, world_size, local_rank, launcher = launcher_environment()
     if local_rank is None:
         local_rank = args.local_rank if getattr(args, 'local_rank', None) is not None else 0
     use_cuda = torch.cuda.is_available() and not getattr(args, 'no_cuda', False)
@@ -90,6 +102,10 @@ def init_distributed(args):
 
     if distributed and not dist.is_initialized():
         if 'MASTER_ADDR' not in os.environ or 'MASTER_PORT' not in os.environ:
+            if launcher == 'slurm':
+                raise UserError(f'SLURM started {world_size} tasks but MASTER_ADDR/MASTER_PORT are not set: export '
+                                'them in the sbatch script (the first node of the allocation and a free port; see '
+                                'the README)')
             raise UserError('WORLD_SIZE > 1 but MASTER_ADDR/MASTER_PORT are not set: launch with torchrun '
                             'or python -m torch.distributed.launch')
         kwargs = dict(backend=backend, init_method='env://', world_size=world_size, rank=rank)
@@ -143,6 +159,33 @@ def average_gradients(parameters):
     for grad in grads:
         grad.copy_(flat[offset:offset + grad.numel()].view_as(grad))
         offset += grad.numel()
+
+
+def broadcast_tensors(tensors, src=0):
+    """Overwrite `tensors` (in place) with process `src`'s values, one collective per dtype."""
+    if not is_dist():
+        return
+    by_dtype = {}
+    for tensor in tensors:
+        by_dtype.setdefault(tensor.dtype, []).append(tensor)
+    for group in by_dtype.values():
+        flat = torch.cat([t.detach().reshape(-1) for t in group])
+        dist.broadcast(flat, src=src)
+        offset = 0
+        for tensor in group:
+            tensor.data.copy_(flat[offset:offset + tensor.numel()].view_as(tensor))
+            offset += tensor.numel()
+
+
+def all_reduce_max(value):
+    """The largest of a number over all processes (the number itself in one process)."""
+    if not is_dist():
+        return value
+    tensor = torch.tensor([float(value)], dtype=torch.float64)
+    if dist.get_backend() == 'nccl':
+        tensor = tensor.cuda()
+    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    return float(tensor.item())
 
 
 def broadcast_object(obj, src=0):

@@ -1,15 +1,21 @@
 """The contract between a distillation method and the shared training loop.
 
-A method script builds a `DistillationMethod` (an `nn.Module`) from the networks and hands it to
-`run_training`. The loop does everything else: data, the frozen teacher, the student's optimizer and
-schedule, DDP, gradient accumulation, logging, validation, checkpoints and exact resume. A method can own:
+A method script builds a `DistillationMethod` (an `nn.Module`) from what the networks state (`nets.student`,
+`nets.teacher`: `models.segmentation.NetworkSpec`s with output stride, feature channels, stage channels) and
+hands it to `run_training`. The networks' outputs reach it as `models.segmentation.SegmentationOutput`s: read
+`.logits`, `.features`, `.aux` and (with `uses_stages = True`) `.stages` by name. A student and a teacher of
+different families differ in output stride and channels: the losses resize the student's maps to the
+teacher's (losses/align.py) and a method's own modules map the channels. The loop does everything else: data,
+the frozen teacher, the student's optimizer and schedule, DDP, gradient accumulation, logging, validation,
+checkpoints and exact resume. A method can own:
 
 - **terms of the student's loss**: `forward(s_outputs, t_outputs, labels)` returns {log name: weighted
   scalar}; the loop adds them to the task loss and back-propagates the sum once. Names listed in
   `logged_only` are logged but not added (diagnostics).
 - **modules trained with the student** (an adapter, a generator, a projection head): any submodule. Their
-  parameters form one parameter group appended to the student's SGD (same lr schedule, momentum and weight
-  decay, as the original), and DDP synchronises their gradients.
+  parameters join the student's optimizer (by default one group with the student's lr schedule, momentum and
+  weight decay, as the original; `param_groups()` may declare several, each with an `lr_mult` and a
+  `weight_decay`), and DDP synchronises their gradients.
 - **optimizers of its own** (the SKD/IFVD discriminator): `add_optimizer(name, module, make, lr)`. That
   module's parameters are never touched by the student's optimizer or backward pass (run it inside
   `frozen(module)` when the student's loss goes through it), nor by DDP. After the student's step the loop
@@ -62,6 +68,8 @@ class DistillationMethod(nn.Module):
     """Base class of what a method script hands to `run_training` (see the module docstring)."""
 
     logged_only = ()
+    # True: the loop asks both networks for their backbone stages (`outputs.stages`), e.g. for attention maps.
+    uses_stages = False
 
     def __init__(self):
         super().__init__()
@@ -83,7 +91,7 @@ class DistillationMethod(nn.Module):
 
     def forward(self, s_outputs, t_outputs, labels):
         """{log name: weighted scalar} added to the student's loss; s_outputs / t_outputs are the networks'
-        output lists ([logits, (aux_logits,) features]), labels N x H x W (ignore -1)."""
+        SegmentationOutputs (`.logits`, `.features`, ...), labels N x H x W (ignore -1)."""
         raise NotImplementedError
 
     def own_loss(self, name, s_outputs, t_outputs, labels):
@@ -115,9 +123,19 @@ class DistillationMethod(nn.Module):
         own = self._own_names()
         return [p for n, p in self.named_parameters() if n not in own and p.requires_grad]
 
+    def param_groups(self):
+        """The groups of the student's optimizer this method's modules train in: a list of dicts with 'params'
+        and optionally 'name', 'lr_mult' (x the student's lr) and 'weight_decay'. Default: one group of
+        `student_parameters()` with the student's lr and weight decay."""
+        return [{'name': 'method', 'params': self.student_parameters()}]
+
+    def own_modules(self):
+        """The modules with optimizers of their own."""
+        return [own.module for own in self._own_optimizers.values()]
+
     def unsynchronised_names(self):
-        """Names of the parameters and buffers DDP must leave alone: those of the modules with optimizers of
-        their own, and the `local_buffers` of every submodule."""
+        """Names of the parameters and buffers that are not broadcast from process 0: those of the modules with
+        optimizers of their own, and the `local_buffers` of every submodule."""
         names = self._own_names()
         for prefix, module in self.named_modules():
             for local in getattr(module, 'local_buffers', ()):

@@ -67,6 +67,15 @@ class ConfusionMatrix:
         miou = iou[present].mean().item() if bool(present.any()) else math.nan
         return pix_acc, miou, iou
 
+    def chance_miou(self):
+        """The mIoU any trained network must clear: twice that of predicting the most frequent labelled class
+        everywhere (its IoU is its share of the labelled pixels, every other class scores 0), averaged over the
+        classes present, and at least 1 / num_class."""
+        counts = self.mat.detach().sum(dim=1).double().cpu()
+        present = int((counts > 0).sum())
+        constant = float(counts.max() / counts.sum()) / max(present, 1) if counts.sum() > 0 else 0.0
+        return max(2 * constant, 1 / self.num_class)
+
     def __repr__(self):
         pix_acc, miou, _ = self.compute()
         return f'ConfusionMatrix(num_class={self.num_class}, pixAcc={pix_acc:.5f}, mIoU={miou:.5f})'

@@ -11,9 +11,10 @@ import os
 
 from dataset import DATASETS, FOLDER, check_ignore_label, dataset_info
 from models.checkpoint import classifier_rows, no_file, read_state_dict
-from models.model_zoo import check_model_name
-from utils.distributed import add_launcher_args
+from models.model_zoo import check_model_name, default_head_width, has_variable_width
+from utils.distributed import add_launcher_args, launcher_environment
 from utils.errors import UserError
+from utils.optim import OPTIMIZERS, SGD_MOMENTUM
 
 # Where --save-dir / --log-dir point when they are not given (the original's defaults).
 DEFAULT_SAVE_DIR = './ckpt'
@@ -114,11 +115,20 @@ def add_optimization_args(parser):
                             '(the batch of the paper on fewer GPUs; BatchNorm sees one micro-batch at a time)')
     group.add_argument('--max-iterations', type=positive_int, default=40000, metavar='N',
                        help='number of training iterations (default: 40000)')
+    group.add_argument('--optimizer', type=str, default='sgd', choices=OPTIMIZERS,
+                       help="the student's optimizer: sgd (the original's) or adamw (PyTorch's default betas and "
+                            'eps; the recipe of SegFormer and MobileViT students)')
     group.add_argument('--lr', type=positive_float, default=0.01, metavar='LR',
                        help='initial learning rate of the poly schedule (default: 0.01)')
-    group.add_argument('--momentum', type=non_negative_float, default=0.9, metavar='M', help='SGD momentum')
+    group.add_argument('--momentum', type=non_negative_float, default=None, metavar='M',
+                       help=f'SGD momentum (default: {SGD_MOMENTUM}; AdamW has none)')
     group.add_argument('--weight-decay', type=non_negative_float, default=1e-4, metavar='W',
-                       help='SGD weight decay')
+                       help='weight decay (default: 1e-4; AdamW decoupled)')
+    group.add_argument('--head-lr-mult', type=positive_float, default=1.0, metavar='M',
+                       help="learning rate multiplier of the network's head (decoder and aux head; default: 1, "
+                            "as the original; SegFormer's official recipe uses 10)")
+    group.add_argument('--no-decay-norm-bias', action='store_true', default=False,
+                       help='no weight decay on normalisation weights and biases (the original decays them)')
     group.add_argument('--seed', type=non_negative_int, default=0,
                        help='seed of the initialisation, the sample order, the augmentations, dropout and the '
                             "method's random draws (default 0)")
@@ -145,6 +155,11 @@ def add_checkpoint_args(parser):
     return group
 
 
+HEAD_WIDTH_HELP = ('width of a DeepLabV3 / PSPNet head on a ResNet: HWD / CIRKD v1 used 128 (ResNet-18) and 256 '
+                   '(DeepLabV3) / 512 (PSPNet) on ResNet-50/101, CIRKDv2 512 (DeepLabV3) and 256 (PSPNet-R101); '
+                   "default: HWD's; read from the checkpoint when one is given")
+
+
 def add_model_args(parser):
     """Single-network scripts (train_baseline.py)."""
     group = parser.add_argument_group('network')
@@ -154,6 +169,8 @@ def add_model_args(parser):
                        help="ImageNet backbone checkpoint ('None': random initialisation)")
     group.add_argument('--pretrained', type=str, default='None',
                        help="whole-network checkpoint to start from ('None': none)")
+    group.add_argument('--head-width', type=positive_int, default=None, metavar='C',
+                       help=HEAD_WIDTH_HELP)
     return group
 
 
@@ -173,6 +190,8 @@ def add_teacher_student_args(parser):
                        help="ImageNet backbone checkpoint of the student ('None': random initialisation)")
     group.add_argument('--student-pretrained', type=str, default='None',
                        help="whole-network checkpoint to start the student from ('None': none)")
+    group.add_argument('--student-head-width', dest='head_width', type=positive_int, default=None, metavar='C',
+                       help=HEAD_WIDTH_HELP + " (the teacher's is read from its checkpoint)")
     return group
 
 
@@ -204,10 +223,11 @@ def student_names(args):
 
 
 def world_size_from_env():
-    """The number of processes the launcher started (1 for a plain `python script.py`)."""
+    """The number of processes the launcher started (torchrun, torch.distributed.launch or SLURM's srun; 1 for a
+    plain `python script.py`)."""
     try:
-        return int(os.environ.get('WORLD_SIZE', '1') or 1)
-    except ValueError:
+        return launcher_environment()[1]
+    except UserError:
         return 1
 
 
@@ -248,6 +268,10 @@ def validate_args(parser, args, default_dir=None):
                      'resume file in --save-dir)')
     if args.dataset == FOLDER and args.data is None:
         parser.error('--dataset folder needs --data DIR, the folder holding classes.txt, images/ and labels/')
+    if args.optimizer == 'sgd' and args.momentum is None:
+        args.momentum = SGD_MOMENTUM
+    elif args.optimizer != 'sgd' and args.momentum is not None:
+        parser.error(f'--momentum is for --optimizer sgd; {args.optimizer} uses its own betas (drop --momentum)')
     args.save_dir = args.save_dir if args.save_dir is not None else (default_dir or DEFAULT_SAVE_DIR)
     args.log_dir = args.log_dir if args.log_dir is not None else (default_dir or DEFAULT_LOG_DIR)
 
@@ -260,6 +284,10 @@ def validate_args(parser, args, default_dir=None):
                      f'{base_flag} None to start from random weights)')
     _check_network(parser, model, backbone, '--student-model' if distillation else '--model',
                    '--student-backbone' if distillation else '--backbone')
+    if args.head_width is not None and not has_variable_width(model):
+        parser.error(f'{"--student-head-width" if distillation else "--head-width"} {args.head_width}: the head of '
+                     f'{model} has one width ({default_head_width(model, backbone)}); only deeplabv3 and psp on a '
+                     'ResNet have two')
     if distillation:
         _check_network(parser, args.teacher_model, args.teacher_backbone, '--teacher-model', '--teacher-backbone')
         if no_file(args.teacher_pretrained):
