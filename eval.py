@@ -10,7 +10,8 @@ are summed, so the printed numbers do not depend on it. The results also go to
 colour PNGs go to {save_dir}/{model}_{backbone}_{dataset}_{method}/ (plus labelIds/ for Cityscapes, ready
 for the official evaluation script, and panels/ with image | ground truth | prediction for the first
 images). `--split test` predicts the test images (Cityscapes, VOC, ADE20K, and COCO-Stuff when settings.py
-names its test images) into the same folders, without metrics, as the original's test.py.
+names its test images) into the same folders, without metrics, as the original's test.py; a labelled test
+split (CamVid's) is evaluated like val, with metrics and a ..._test.json, as CIRKD's eval.py did for CamVid.
 """
 import argparse
 import logging
@@ -29,7 +30,7 @@ from utils.evaluation import ShardSampler, evaluate
 from utils.flops import format_complexity
 from utils.logger import setup_logging
 from utils.metric import format_iou_table, format_summary
-from utils.options import non_negative_int, positive_float
+from utils.options import non_negative_int, positive_float, positive_int
 from utils.palette import cityscapes_trainid_to_labelid, colorize, colorize_rgb
 from utils.results import file_sha256, metrics_record, write_json
 from utils.visualize import denormalize_image, save_panel
@@ -54,7 +55,8 @@ def build_parser():
                        help='data set root (default: the root in settings.py, e.g. DATA_CS; with --split test, '
                             'the folder of the test images for ade20k and coco, e.g. DATA_ADE20K_TEST)')
     group.add_argument('--split', type=str, default='val', choices=('val', 'test'),
-                       help='val: metrics; test: predictions of the test images, without metrics')
+                       help='val: metrics; test: predictions of the test images, with metrics where the test '
+                            'split is labelled (camvid)')
     group.add_argument('--workers', '-j', type=non_negative_int, default=8, metavar='N', help='data loader workers')
     group.add_argument('--ignore-label', type=int, default=-1, help='label value not counted')
     group = parser.add_argument_group('checkpoint and output')
@@ -67,6 +69,9 @@ def build_parser():
                        help='image scales whose predictions are averaged (e.g. 0.75 1.0 1.25)')
     group.add_argument('--flip-eval', action='store_true', default=False,
                        help='also average the prediction of the horizontally flipped image')
+    group.add_argument('--tile-width', type=positive_int, default=None, metavar='W',
+                       help='predict vertical strips W pixels wide one at a time and put their logits side by side '
+                            "(CIRKDv2 evaluated its SegFormers on Cityscapes with 1024: two halves of each image)")
     add_launcher_args(parser)
     return parser
 
@@ -126,16 +131,16 @@ def run(args):
     sampler = ShardSampler(dataset)
     loader = DataLoader(dataset, batch_size=1, sampler=sampler, num_workers=args.workers,
                         pin_memory=ctx.device.type == 'cuda')
+    labelled = info.classes[args.split].labelled
     writer = None
-    if args.save_pred or args.split == 'test':
+    if args.save_pred or not labelled:
         writer = PredictionWriter(out_dir, args.dataset, sampler)
-    labelled = args.split == 'val'
     logger.info('Start %s: %d images on %d process(es), scales %s, flip %s', 'validation' if labelled
                 else 'test prediction', len(dataset), ctx.world_size,
                 ' '.join(f'{s:g}' for s in args.scales), 'on' if args.flip_eval else 'off')
     with torch.no_grad():
         matrix = evaluate(model, loader, info.num_class, ctx.device, scales=args.scales, flip=args.flip_eval,
-                          progress=ctx.is_main, on_prediction=writer, labelled=labelled)
+                          progress=ctx.is_main, on_prediction=writer, labelled=labelled, tile_width=args.tile_width)
     if labelled:
         pix_acc, miou, iou = matrix.compute()
         logger.info('Per-class IoU:\n%s', format_iou_table(iou, info.class_names))
@@ -143,7 +148,7 @@ def run(args):
         if ctx.is_main:
             result = {'dataset': args.dataset, 'split': args.split, 'images': len(dataset),
                       'model': args.model, 'backbone': args.backbone, 'method': args.method,
-                      'scales': list(args.scales), 'flip': args.flip_eval,
+                      'scales': list(args.scales), 'flip': args.flip_eval, 'tile_width': args.tile_width,
                       'checkpoint': os.path.basename(args.pretrained),
                       'checkpoint_path': os.path.abspath(args.pretrained),
                       'sha256': file_sha256(args.pretrained), 'processes': get_world_size(),

@@ -18,6 +18,14 @@ DATALIST_VOC_TRAIN = './dataset/list/voc/train_aug.txt'
 DATALIST_VOC_VAL = './dataset/list/voc/val.txt'
 DATALIST_VOC_TEST = './dataset/list/voc/test.txt'
 
+# CamVid (SegNet's 11 classes, CIRKD's layout): train/, val/, test/ hold the images, trainannot/, valannot/,
+# testannot/ the labels of the same names (all three splits are labelled). List lines, as CIRKD's:
+# `train/NAME.png trainannot/NAME.png`.
+DATA_CAMVID = './data/CamVid/'
+DATALIST_CAMVID_TRAIN = './dataset/list/CamVid/camvid_train_list.txt'
+DATALIST_CAMVID_VAL = './dataset/list/CamVid/camvid_val_list.txt'
+DATALIST_CAMVID_TEST = './dataset/list/CamVid/camvid_test_list.txt'
+
 # ADE20K (ADEChallengeData2016): images/{training,validation}/, annotations/{training,validation}/;
 # the test images of the SceneParsing challenge (release_test/testing/*.jpg) have a root of their own.
 DATA_ADE20K = './data/ADEChallengeData2016/'
@@ -26,7 +34,8 @@ DATALIST_ADE20K_TRAIN = './dataset/list/ade20k/training.txt'
 DATALIST_ADE20K_VAL = './dataset/list/ade20k/validation.txt'
 DATALIST_ADE20K_TEST = './dataset/list/ade20k/test.txt'
 
-# COCO-Stuff-164k: images/{train2017,val2017}/, annotations/{train2017,val2017}/ (stuffthingmaps)
+# COCO-Stuff-164k (`--dataset coco`, or CIRKD's name for it, `coco_stuff_164k`): images/{train2017,val2017}/,
+# annotations/{train2017,val2017}/ (stuffthingmaps)
 DATA_COCO = './data/coco_stuff_164k/'
 DATA_COCO_TEST = 'None'
 DATALIST_COCO_TRAIN = './dataset/list/coco_stuff_164k/coco_stuff_164k_train.txt'

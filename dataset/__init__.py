@@ -2,12 +2,14 @@
 
 `DATASET_INFO` is the one registry of the built-in data sets (their names, classes, settings.py variables
 and classes per split); `folder` is a user's own data set, whose classes are read from `DIR/classes.txt`.
+`DATASET_ALIASES` are other names `--dataset` accepts for a built-in data set (CIRKD's `coco_stuff_164k` for
+`coco`): everything here resolves them, while the scripts keep the name the user typed in their file names.
 """
 import os
 from typing import NamedTuple, Optional
 
 import settings
-from dataset.class_names import ADE20K_CLASSES, CITYSCAPES_CLASSES, COCO_STUFF_CLASSES, VOC_CLASSES
+from dataset.class_names import ADE20K_CLASSES, CAMVID_CLASSES, CITYSCAPES_CLASSES, COCO_STUFF_CLASSES, VOC_CLASSES
 from dataset.datasets import (
     CITYSCAPES_LABELID_TO_TRAINID,
     CITYSCAPES_TRAINID_TO_LABELID,
@@ -15,6 +17,9 @@ from dataset.datasets import (
     ADETestSet,
     ADETrainSet,
     ADEValSet,
+    CamvidTestSet,
+    CamvidTrainSet,
+    CamvidValSet,
     COCOTestSet,
     COCOTrainSet,
     COCOValSet,
@@ -31,9 +36,9 @@ from dataset.datasets import (
     read_class_names,
 )
 
-__all__ = ['DATASETS', 'SPLITS', 'FOLDER', 'DATASET_INFO', 'DatasetInfo', 'dataset_info', 'build_dataset',
-           'resolve_root', 'settings_list_path', 'check_ignore_label', 'DataError', 'MEAN_BGR',
-           'CITYSCAPES_LABELID_TO_TRAINID', 'CITYSCAPES_TRAINID_TO_LABELID']
+__all__ = ['DATASETS', 'SPLITS', 'FOLDER', 'DATASET_INFO', 'DATASET_ALIASES', 'DatasetInfo', 'dataset_info',
+           'canonical_name', 'build_dataset', 'resolve_root', 'settings_list_path', 'check_ignore_label',
+           'DataError', 'MEAN_BGR', 'CITYSCAPES_LABELID_TO_TRAINID', 'CITYSCAPES_TRAINID_TO_LABELID']
 
 _REPO_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _TRAINING_ONLY = ('max_iters', 'crop_size', 'scale', 'mirror')
@@ -56,6 +61,10 @@ DATASET_INFO = {
     'voc': DatasetInfo(21, VOC_CLASSES, 'DATA_VOC',
                        {'train': 'DATALIST_VOC_TRAIN', 'val': 'DATALIST_VOC_VAL', 'test': 'DATALIST_VOC_TEST'},
                        {'train': VOCDataSet, 'val': VOCDataValSet, 'test': VOCDataTestSet}),
+    'camvid': DatasetInfo(11, CAMVID_CLASSES, 'DATA_CAMVID',
+                          {'train': 'DATALIST_CAMVID_TRAIN', 'val': 'DATALIST_CAMVID_VAL',
+                           'test': 'DATALIST_CAMVID_TEST'},
+                          {'train': CamvidTrainSet, 'val': CamvidValSet, 'test': CamvidTestSet}),
     'ade20k': DatasetInfo(150, ADE20K_CLASSES, 'DATA_ADE20K',
                           {'train': 'DATALIST_ADE20K_TRAIN', 'val': 'DATALIST_ADE20K_VAL',
                            'test': 'DATALIST_ADE20K_TEST'},
@@ -64,9 +73,11 @@ DATASET_INFO = {
                         {'train': 'DATALIST_COCO_TRAIN', 'val': 'DATALIST_COCO_VAL', 'test': 'DATALIST_COCO_TEST'},
                         {'train': COCOTrainSet, 'val': COCOValSet, 'test': COCOTestSet}, 'DATA_COCO_TEST'),
 }
+# Another name -> the DATASET_INFO name it stands for.
+DATASET_ALIASES = {'coco_stuff_164k': 'coco'}
 _FOLDER_CLASSES = {'train': FolderTrainSet, 'val': FolderValSet, 'test': FolderTestSet}
 # The names `--dataset` accepts.
-DATASETS = tuple(DATASET_INFO) + (FOLDER,)
+DATASETS = tuple(DATASET_INFO) + tuple(DATASET_ALIASES) + (FOLDER,)
 SPLITS = ('train', 'val', 'test')
 
 
@@ -74,8 +85,15 @@ def _unknown(name):
     return DataError(f'unknown data set {name!r} (--dataset): choose from {", ".join(DATASETS)}')
 
 
+def canonical_name(name):
+    """The DATASET_INFO name of `name` (an alias resolved); other names unchanged."""
+    return DATASET_ALIASES.get(name, name)
+
+
 def dataset_info(name, data_root=None):
-    """The DatasetInfo of `name`; for `folder`, built from `data_root/classes.txt` (--data is required)."""
+    """The DatasetInfo of `name` (or of the data set an alias names); for `folder`, built from
+    `data_root/classes.txt` (--data is required)."""
+    name = canonical_name(name)
     if name in DATASET_INFO:
         return DATASET_INFO[name]
     if name != FOLDER:

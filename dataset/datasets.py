@@ -29,7 +29,8 @@ from utils.errors import UserError
 __all__ = [
     'MEAN_BGR', 'DataError', 'CITYSCAPES_LABELID_TO_TRAINID', 'CITYSCAPES_TRAINID_TO_LABELID',
     'CSTrainValSet', 'CSValSet', 'CSTestSet', 'VOCDataSet', 'VOCDataValSet', 'ADETrainSet', 'ADEValSet',
-    'COCOTrainSet', 'COCOValSet', 'VOCDataTestSet', 'ADETestSet', 'COCOTestSet', 'FolderTrainSet',
+    'COCOTrainSet', 'COCOValSet', 'VOCDataTestSet', 'ADETestSet', 'COCOTestSet', 'CamvidTrainSet',
+    'CamvidValSet', 'CamvidTestSet', 'FolderTrainSet',
     'FolderValSet', 'FolderTestSet', 'SampleParams', 'draw_sample_params', 'scale_crop_flip',
     'read_class_names',
 ]
@@ -328,7 +329,7 @@ def _lut_from(pairs, ignore_label):
 
 
 # ---------------------------------------------------------------------------------------------------
-# The four data sets.
+# The built-in data sets.
 
 class _Cityscapes:
     key = 'citys'
@@ -370,6 +371,17 @@ class _COCOStuff:
     @staticmethod
     def _label_mapping(ignore_label):
         return _lut_from([(k, k) for k in range(182)], ignore_label)
+
+
+class _CamVid:
+    """SegNet's 11-class CamVid as CIRKD reads it: label value k is class k, 11 (void) is ignored."""
+    key = 'camvid'
+    num_class = 11
+    legal_max = 11
+
+    @staticmethod
+    def _label_mapping(ignore_label):
+        return _lut_from([(k, k) for k in range(11)], ignore_label)
 
 
 class _Folder:
@@ -445,6 +457,21 @@ class COCOValSet(_COCOStuff, _ValidationSet):
 
 class COCOTestSet(_COCOStuff, _TestSet):
     """COCO-Stuff test images (settings.py DATA_COCO_TEST)."""
+
+
+class CamvidTrainSet(_CamVid, _TrainingSet):
+    """CamVid training set (list lines: `train/NAME.png trainannot/NAME.png`)."""
+    split = 'train'
+
+
+class CamvidValSet(_CamVid, _ValidationSet):
+    split = 'val'
+
+
+class CamvidTestSet(_CamVid, _ValidationSet):
+    """CamVid's test split: labelled (testannot/), so it is evaluated like the validation set (CIRKD's eval.py
+    reports its CamVid numbers on camvid_test_list.txt)."""
+    split = 'test'
 
 
 class FolderTrainSet(_Folder, _TrainingSet):

@@ -1,8 +1,8 @@
 """List files: reading them, and building them by scanning a data set's standard layout.
 
 A list line names one sample: `<image path> <label path>` separated by a tab or spaces (paths relative
-to the data root), or a sample id (VOC always; ADE20K, COCO-Stuff and folder lists may use ids too).
-Test lists (no labels) hold image paths or ids only.
+to the data root), or a sample id (VOC always; ADE20K, COCO-Stuff, CamVid and folder lists may use ids too).
+Test lists without labels hold image paths or ids only (CamVid's test split is labelled).
 """
 import glob
 import os
@@ -10,15 +10,19 @@ import os
 from dataset.errors import DataError
 
 IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png')
+# CamVid's labels of split S lie in S + this suffix (trainannot/ beside train/).
+CAMVID_LABEL_SUFFIX = 'annot'
 
 # Folder of each split under images/ and annotations/ (ADE20K, COCO-Stuff), leftImg8bit/ and gtFine/
-# (Cityscapes) or images/ and labels/ (a folder data set). The ADE20K and COCO-Stuff test roots
+# (Cityscapes) or images/ and labels/ (a folder data set); CamVid's images are in the folder itself under the
+# root and its labels in the folder + 'annot' (train/ and trainannot/). The ADE20K and COCO-Stuff test roots
 # (DATA_ADE20K_TEST, DATA_COCO_TEST in settings.py) hold their images directly: folder ''.
 _SPLIT_FOLDERS = {
     'citys': {'train': 'train', 'val': 'val', 'test': 'test'},
     'ade20k': {'train': 'training', 'val': 'validation', 'test': ''},
     'coco': {'train': 'train2017', 'val': 'val2017', 'test': ''},
     'voc': {'train': 'train', 'val': 'val', 'test': 'test'},
+    'camvid': {'train': 'train', 'val': 'val', 'test': 'test'},
     'folder': {'train': 'train', 'val': 'val', 'test': 'test'},
 }
 # VOC 2012's lists of ids; scanning uses them to split the augmented set into train_aug / val / test.
@@ -54,6 +58,7 @@ def layout_hint(key, split):
                if split != 'test' else f'JPEGImages/<id>.jpg for the ids of {VOC_ID_FILES["test"]}',
         'ade20k': f'images/{folder}/*.jpg with annotations/{folder}/*.png',
         'coco': f'images/{folder}/*.jpg with annotations/{folder}/*.png',
+        'camvid': f'{folder}/<name>.png with {folder}{CAMVID_LABEL_SUFFIX}/<name>.png',
         'folder': f'images/{folder}/<name>.jpg|png with labels/{folder}/<name>.png',
     }.get(key, '?')
 
@@ -64,6 +69,9 @@ def _id_paths(key, root, split, sample_id, labelled):
         return (os.path.join('JPEGImages', sample_id + '.jpg'),
                 os.path.join('SegmentationClassAug', sample_id + '.png') if labelled else None)
     folder = _split_folder(key, split)
+    if key == 'camvid':
+        return (os.path.join(folder, sample_id + '.png'),
+                os.path.join(folder + CAMVID_LABEL_SUFFIX, sample_id + '.png') if labelled else None)
     if key == 'folder':
         image = next((os.path.join('images', folder, sample_id + ext) for ext in IMAGE_EXTENSIONS
                       if os.path.isfile(os.path.join(root, 'images', folder, sample_id + ext))),
@@ -137,9 +145,9 @@ def scan_layout(key, root, split, labelled=True):
             entries.append((image, label if labelled else None))
         return entries
     if key == 'folder':
-        images = [p for p in _glob(root, 'images', folder, '*') if _is_image_path(p)]
-        return [(image, os.path.join(root, 'labels', folder, _stem(image) + '.png') if labelled else None)
-                for image in images]
+        return _pair_by_name(root, os.path.join('images', folder), os.path.join('labels', folder), labelled)
+    if key == 'camvid':
+        return _pair_by_name(root, folder, folder + CAMVID_LABEL_SUFFIX, labelled)
     if split == 'test':
         # The test root holds the images themselves (settings.py's DATA_ADE20K_TEST / DATA_COCO_TEST); given the
         # data set's root instead, they are found at their standard place under it.
@@ -150,6 +158,12 @@ def scan_layout(key, root, split, labelled=True):
         return []
     return [(image, os.path.join(root, 'annotations', folder, _stem(image) + '.png') if labelled else None)
             for image in _glob(root, 'images', folder, '*.jpg')]
+
+
+def _pair_by_name(root, image_dir, label_dir, labelled):
+    """Every image in root/image_dir with the PNG of the same name in root/label_dir."""
+    images = [p for p in _glob(root, image_dir, '*') if _is_image_path(p)]
+    return [(image, os.path.join(root, label_dir, _stem(image) + '.png') if labelled else None) for image in images]
 
 
 def _stem(path):
@@ -177,7 +191,8 @@ def _scan_voc(root, split, labelled):
 
 
 def format_list(key, root, entries):
-    """List file text for entries: VOC ids, otherwise tab-separated paths relative to root."""
+    """List file text for entries: VOC ids, otherwise paths relative to root, tab-separated (CamVid: one
+    space, as CIRKD's camvid_*_list.txt, unless a path holds whitespace)."""
     lines = []
     for image, label in entries:
         rel_image = os.path.relpath(image, root)
@@ -186,5 +201,7 @@ def format_list(key, root, entries):
         elif label is None:
             lines.append(rel_image)
         else:
-            lines.append(rel_image + '\t' + os.path.relpath(label, root))
+            rel_label = os.path.relpath(label, root)
+            spaced = key == 'camvid' and not any(c.isspace() for c in rel_image + rel_label)
+            lines.append(rel_image + (' ' if spaced else '\t') + rel_label)
     return ''.join(line + '\n' for line in lines)

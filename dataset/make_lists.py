@@ -10,7 +10,7 @@ import argparse
 import os
 import sys
 
-from dataset import DATASETS, FOLDER, SPLITS, dataset_info, resolve_root, settings_list_path
+from dataset import DATASETS, FOLDER, SPLITS, canonical_name, dataset_info, resolve_root, settings_list_path
 from dataset.errors import DataError
 from dataset.lists import format_list, layout_hint, scan_layout
 from utils.errors import UserError, run_main
@@ -24,10 +24,10 @@ def make_list(dataset, root, split, out=None):
     if split not in info.classes:
         raise UserError(f'data set {dataset} has no {split} split (--split): choose from {", ".join(info.classes)}')
     root = resolve_root(dataset, root, flag='--root', split=split)
-    labelled = split != 'test'
-    entries = scan_layout(dataset, root, split, labelled)
+    key = canonical_name(dataset)
+    entries = scan_layout(key, root, split, info.classes[split].labelled)
     if not entries:
-        raise DataError(f'found no {split} samples under {root}: expected {layout_hint(dataset, split)}')
+        raise DataError(f'found no {split} samples under {root}: expected {layout_hint(key, split)}')
     if out is None:
         out = os.path.join(root, f'{split}.txt') if dataset == FOLDER else settings_list_path(dataset, split)
     if out is None:
@@ -37,7 +37,7 @@ def make_list(dataset, root, split, out=None):
     # Write then rename, so an interrupted run never leaves half a list where the scripts look.
     partial = out + '.partial'
     with open(partial, 'w', encoding='utf-8') as handle:
-        handle.write(format_list(dataset, root, entries))
+        handle.write(format_list(key, root, entries))
     os.replace(partial, out)
     return out, len(entries)
 

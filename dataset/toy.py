@@ -1,4 +1,4 @@
-"""A small synthetic data set in the real layout of Cityscapes, VOC (aug), ADE20K or COCO-Stuff.
+"""A small synthetic data set in the real layout of Cityscapes, VOC (aug), CamVid, ADE20K or COCO-Stuff.
 
 Street scenes made of textured regions: sky at the top, a road narrowing to a horizon, sidewalks and
 grass beside it, buildings with window grids, trees, poles, cars and people drawn as shapes. Each class
@@ -16,7 +16,8 @@ import sys
 import numpy as np
 from PIL import Image
 
-from dataset.class_names import ADE20K_CLASSES, COCO_STUFF_CLASSES
+from dataset import DATASET_ALIASES, canonical_name
+from dataset.class_names import ADE20K_CLASSES, CAMVID_CLASSES, COCO_STUFF_CLASSES
 from utils.errors import UserError, run_main
 from utils.palette import bit_colormap
 
@@ -32,6 +33,9 @@ RAW_LABELS = {
     'citys': (23, 7, 8, 11, 21, 26, 24, 17, 22, 1),
     # VOC: background for stuff, pottedplant 16, car 7, person 15; 255 (ignore) marks the void.
     'voc': (0, 0, 0, 0, 16, 7, 15, 0, 0, 255),
+    # CamVid (SegNet's 11 classes): terrain is vegetation there, so Tree; 11 (void, ignored) marks the void.
+    'camvid': tuple(CAMVID_CLASSES.index(n) for n in
+                    ('Sky', 'Road', 'Sidewalk', 'Building', 'Tree', 'Car', 'Pedestrian', 'Pole', 'Tree')) + (11,),
     # ADE20K: 1-based indices of the 150 classes, 0 = other (ignored).
     'ade20k': tuple(ADE20K_CLASSES.index(n) + 1 for n in
                     ('sky', 'road', 'sidewalk', 'building', 'tree', 'car', 'person', 'pole', 'grass')) + (0,),
@@ -64,6 +68,10 @@ _CLOTHES_COLOURS = np.array([(180, 40, 60), (40, 40, 120), (230, 200, 80), (60, 
                              (200, 120, 170)], dtype=np.float32)
 
 _SPLIT_CODES = {'train': 1, 'val': 2, 'test': 3}
+# Data sets whose toy version can have a test split: Cityscapes (images only), CamVid (labelled, as the real one).
+_TEST_SPLITS = ('citys', 'camvid')
+# CamVid's video sequences, which start its file names (0001TP_006690.png), by split.
+_CAMVID_SEQUENCES = {'train': ('0001TP', '0006R0', '0016E5'), 'val': ('0016E5',), 'test': ('Seq05VD', '0001TP')}
 
 
 def _ellipse(xs, ys, cx, cy, rx, ry):
@@ -189,6 +197,10 @@ def _sample_paths(dataset, split, index):
     if dataset == 'voc':
         sample_id = f'{2007 + index % 6}_{index * 2 + (split == "val"):06d}'
         return f'JPEGImages/{sample_id}.jpg', f'SegmentationClassAug/{sample_id}.png'
+    if dataset == 'camvid':
+        sequences = _CAMVID_SEQUENCES[split]
+        name = f'{sequences[index % len(sequences)]}_{(index + 1) * 30 + _SPLIT_CODES[split]:06d}.png'
+        return f'{split}/{name}', f'{split}annot/{name}'
     if dataset == 'ade20k':
         folder, prefix = {'train': ('training', 'ADE_train'), 'val': ('validation', 'ADE_val')}[split]
         return f'images/{folder}/{prefix}_{index + 1:08d}.jpg', f'annotations/{folder}/{prefix}_{index + 1:08d}.png'
@@ -198,18 +210,20 @@ def _sample_paths(dataset, split, index):
 
 
 def make_toy_dataset(dataset, root, num_train=20, num_val=10, size=(128, 256), seed=0, num_test=0):
-    """Write a synthetic data set `dataset` (citys, voc, ade20k, coco) under root, in its real layout.
+    """Write a synthetic data set `dataset` (citys, voc, camvid, ade20k, coco or an alias) under root, in its
+    real layout.
 
-    num_test: Cityscapes test images (leftImg8bit/test only, no labels). Returns the root as a Path.
-    The same arguments always write the same files.
+    num_test: test images, Cityscapes (leftImg8bit/test only, no labels) or CamVid (test/ with testannot/).
+    Returns the root as a Path. The same arguments always write the same files.
     """
+    dataset = canonical_name(dataset)
     if dataset not in RAW_LABELS:
         raise UserError(f'unknown data set {dataset!r} (--dataset): choose from {", ".join(RAW_LABELS)}')
     height, width = (int(v) for v in size)
     if height < 8 or width < 8:
         raise UserError(f'toy image size {height}x{width} is too small (--size H,W, at least 8,8)')
-    if num_test and dataset != 'citys':
-        raise UserError('test images (--num-test) exist only for citys')
+    if num_test and dataset not in _TEST_SPLITS:
+        raise UserError(f'test images (--num-test) exist only for {" and ".join(_TEST_SPLITS)}')
     root = pathlib.Path(root)
     palette = bit_colormap(256).reshape(-1).tolist() if dataset == 'voc' else None
     counts = {'train': num_train, 'val': num_val, 'test': num_test}
@@ -224,7 +238,7 @@ def make_toy_dataset(dataset, root, num_train=20, num_val=10, size=(128, 256), s
                 Image.fromarray(image).save(image_path, compress_level=1)
             else:
                 Image.fromarray(image).save(image_path, quality=92)
-            if split == 'test':
+            if split == 'test' and dataset == 'citys':
                 continue
             raw = _raw_label(dataset, classes)
             if palette is None:
@@ -255,11 +269,12 @@ def _parse_size(text):
 def main(argv=None):
     parser = argparse.ArgumentParser(description='Write a small synthetic segmentation data set in the '
                                                  'real layout of a data set.')
-    parser.add_argument('--dataset', default='citys', choices=sorted(RAW_LABELS))
+    parser.add_argument('--dataset', default='citys', choices=sorted(RAW_LABELS) + sorted(DATASET_ALIASES))
     parser.add_argument('--root', required=True, help='folder to write (created if needed)')
     parser.add_argument('--num-train', type=int, default=20)
     parser.add_argument('--num-val', type=int, default=10)
-    parser.add_argument('--num-test', type=int, default=0, help='Cityscapes test images (no labels)')
+    parser.add_argument('--num-test', type=int, default=0,
+                        help='test images: citys (no labels), camvid (labelled, test/ and testannot/)')
     parser.add_argument('--size', type=_parse_size, default=(128, 256), help='H,W (default 128,256)')
     parser.add_argument('--seed', type=int, default=0)
     args = parser.parse_args(argv)

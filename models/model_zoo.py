@@ -70,6 +70,12 @@ _BACKBONE_BUILDERS = {
     'mobilevit_small': mobilevit.mobilevit_small,
 }
 
+# The final classifier of each network's head (which networks a checkpoint can be is narrowed down by it).
+CLASSIFIER_KEY = {'deeplabv3': 'head.block.4.weight', 'psp': 'head.classifier.weight',
+                  'upernet': 'head.conv_last.1.weight', 'upernet_lite': 'head.conv_last.1.weight',
+                  'deeplabv3_mobile': 'head.block.4.weight', 'deeplab_mobile': 'head.block.4.weight',
+                  'psp_mobile': 'head.classifier.weight', 'deeplabv3_mobilenet_ssseg': 'head.block.4.weight',
+                  'segformer': 'linear_pred.weight'}
 # The mobile heads are 128 wide whatever the backbone.
 MOBILE_HEAD_WIDTH = 128
 UPERNET_FPN_DIM = {'upernet': 512, 'upernet_lite': 128}
@@ -172,6 +178,15 @@ def read_network_file(path, model, backbone):
     return NetworkFile(str(path), state, variant, head_width_of(model, state), has_aux)
 
 
+def _is_encoder_file(path):
+    """Whether a file holds a SegFormer encoder without its decoder (an ImageNet MiT file)."""
+    state = read_state_dict(path)
+    official = mit.convert_official_segformer(state)
+    state = official if official is not None else state
+    return classifier_rows(state) is None and any(key.startswith('block1.') or key.startswith('backbone.block1.')
+                                                  for key in state)
+
+
 def head_width_of(model, state):
     """The width of the head in a checkpoint, for the heads whose width the versions changed, else None."""
     key = {'deeplabv3': 'head.aspp.b0.0.weight', 'psp': 'head.block.0.weight'}.get(model)
@@ -189,7 +204,15 @@ def build_network(model, backbone, num_class, aux, norm_layer=nn.BatchNorm2d, pr
     strictly (it overrides the backbone file); the head width and the layout's build options come from it.
     `'None'` or None means no file."""
     if network_file is None and not no_file(pretrained):
-        network_file = read_network_file(pretrained, model, backbone)
+        if model == 'segformer' and _is_encoder_file(pretrained):
+            # CIRKDv2 passes the ImageNet MiT file (mit_b0.pth) as --pretrained: read it as the backbone file
+            logger.info('%s holds a MiT encoder without a decoder: read as the ImageNet backbone file, as CIRKDv2 '
+                        'does with --pretrained mit_b*.pth (the decoder keeps its initialisation)', pretrained)
+            if not no_file(pretrained_base):
+                logger.info('backbone file %s not read: %s replaces it', pretrained_base, pretrained)
+            pretrained, pretrained_base = None, pretrained
+        else:
+            network_file = read_network_file(pretrained, model, backbone)
     variant = None
     if network_file is not None:
         width = network_file.head_width
@@ -254,6 +277,8 @@ def identify_network(state):
     aux = any(key.startswith('auxlayer.') for key in state)
     shapes = {key: tuple(value.shape) for key, value in state.items()}
     for model, names in MODEL_BACKBONES.items():
+        if CLASSIFIER_KEY[model] not in state:  # another head: no need to build its layouts
+            continue
         for backbone in names:
             if aux and not has_aux_head(model, backbone):
                 continue

@@ -273,3 +273,35 @@ def test_nice_ticks():
     assert compare.nice_ticks(64.3, 75.1) == [64, 66, 68, 70, 72, 74, 76]
     assert compare.nice_ticks(0, 3, integer=True) == [0, 1, 2, 3]
     assert compare.nice_ticks(2.5, 2.5) == [2.0, 2.2, 2.4, 2.6, 2.8, 3.0]
+
+
+def test_rows_show_the_cost_of_their_runs(tmp_path, capsys):
+    """Seconds per iteration (weighted by the iterations of each record's window), device-hours (processes x
+    training hours up to the last validation) and peak memory per row, means over the runs; '-' for runs
+    written before the cost was recorded."""
+    folders = []
+    for seed, (first, second, peak) in enumerate([(0.5, 1.0, 900.0), (1.5, 2.0, 1100.0)]):
+        folder = tmp_path / f's{seed}'
+        folders.append(folder)
+        path = write_run(folder, 'hwd', seed, [50.0, 60.0], every=100)
+        record = compare._load_json(path, 'flags')
+        record['environment'] = {'processes': 4}
+        write_json(path, record)
+        history_path = path[:-len(FLAGS_SUFFIX)] + HISTORY_SUFFIX
+        history = compare.read_history(history_path)
+        history[0].update(seconds_per_iteration=first, peak_memory_mb=peak / 2)
+        history[1].update(seconds_per_iteration=second, peak_memory_mb=peak)
+        write_history(history_path, history)
+    write_run(tmp_path / 's0', 'baseline', 0, [40.0, 45.0], every=100)  # written before the cost was recorded
+    runs = {(run.method, run.seed): run for run in compare.find_runs(folders, warn=lambda m: None)}
+    assert runs['hwd', 0].seconds_per_iteration == pytest.approx(0.75)
+    assert runs['hwd', 0].device_hours == pytest.approx((0.5 * 100 + 1.0 * 100) * 4 / 3600)
+    assert runs['hwd', 0].peak_memory_mb == 900.0
+    assert runs['baseline', 0].seconds_per_iteration is None and runs['baseline', 0].device_hours is None
+    status, out, err = run_compare([*folders, '--no-plot'], capsys)
+    assert status == 0, err
+    lines = out.splitlines()
+    assert next(line for line in lines if line.startswith('method')).split()[-4:] == ['s/it', 'device-h', 'peak', 'MB']
+    # hwd, the mean of two runs: s/it (0.75 + 1.75) / 2, device-hours (0.1667 + 0.3889) / 2, peak (900 + 1100) / 2
+    assert next(line for line in lines if line.startswith('hwd ')).split()[-3:] == ['1.250', '0.28', '1000']
+    assert next(line for line in lines if line.startswith('baseline ')).split()[-3:] == ['-', '-', '-']

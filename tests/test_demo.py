@@ -1,7 +1,7 @@
-"""`make demo` at its smallest sizes: the same code path (toy data, the real train scripts under torchrun,
-eval.py and its JSON files, the table and the pictures), a few iterations each; and the pictures' text
-(whole class names, words set apart, titles never cut, tick labels apart), measured in the font it is
-drawn in, without running the demo."""
+"""`make demo` at its smallest sizes: the same code path (toy data, the real train scripts, called in one
+process instead of under torchrun, eval.py and its JSON files, the table and the pictures), a few iterations
+each; and the pictures' text (whole class names, words set apart, titles never cut, tick labels apart),
+measured in the font it is drawn in, without running the demo."""
 import os
 import re
 import subprocess
@@ -18,7 +18,7 @@ CITYS = DATASET_INFO['citys']
 
 
 def run_demo(out):
-    return subprocess.run([sys.executable, '-m', 'utils.demo', '--smoke', '--out', str(out)], cwd=REPO,
+    return subprocess.run([sys.executable, '-m', 'utils.demo', '--smoke', '--in-process', '--out', str(out)], cwd=REPO,
                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=600)
 
 

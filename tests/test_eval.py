@@ -201,27 +201,30 @@ def test_test_split_writes_predictions_without_metrics(checkpoints, tmp_path):
 
 
 def test_ade20k_test_images_without_labels(tmp_path):
-    """--split test on ADE20K: --data is the folder of the test images (settings.py DATA_ADE20K_TEST); the
-    predictions are written, no metric."""
-    images = tmp_path / 'testing'
-    images.mkdir()
+    """--split test on ADE20K: --data is the folder of the test images (settings.py DATA_ADE20K_TEST) or the data
+    set's root, which holds them in release_test/testing/; the predictions are written, no metric."""
+    root = tmp_path / 'ADEChallengeData2016'
+    images = root / 'release_test' / 'testing'
+    images.mkdir(parents=True)
+    (root / 'images' / 'training').mkdir(parents=True)
     rng = np.random.default_rng(0)
     for name in ('ADE_test_00000001', 'ADE_test_00000002'):
         Image.fromarray(rng.integers(0, 256, (40, 56, 3), dtype=np.uint8)).save(images / f'{name}.jpg')
     torch.manual_seed(0)
     checkpoint = tmp_path / 'psp_mobile_ade20k.pth'
     torch.save(get_segmentation_model('psp_mobile', 'mobile', 150, False).state_dict(), checkpoint)
-    save_dir = tmp_path / 'out'
-    status = run_eval(['--model', 'psp_mobile', '--backbone', 'mobile', '--dataset', 'ade20k', '--method', 'kd',
-                       '--data', images, '--pretrained', checkpoint, '--save-dir', save_dir, '--split', 'test',
-                       '--workers', '0', '--no-cuda'])
-    assert status == 0
-    out = save_dir / 'psp_mobile_mobile_ade20k_kd'
-    assert sorted(p.stem for p in out.glob('*.png')) == ['ADE_test_00000001', 'ADE_test_00000002']
-    prediction = Image.open(out / 'ADE_test_00000001.png')
-    assert prediction.size == (56, 40)
-    text = (save_dir / 'psp_mobile_mobile_ade20k_kd_test.txt').read_text()
-    assert 'Overall validation' not in text
+    for data in (images, root):
+        save_dir = tmp_path / f'out_{data.name}'
+        status = run_eval(['--model', 'psp_mobile', '--backbone', 'mobile', '--dataset', 'ade20k', '--method', 'kd',
+                           '--data', data, '--pretrained', checkpoint, '--save-dir', save_dir, '--split', 'test',
+                           '--workers', '0', '--no-cuda'])
+        assert status == 0, data
+        out = save_dir / 'psp_mobile_mobile_ade20k_kd'
+        assert sorted(p.stem for p in out.glob('*.png')) == ['ADE_test_00000001', 'ADE_test_00000002']
+        prediction = Image.open(out / 'ADE_test_00000001.png')
+        assert prediction.size == (56, 40)
+        text = (save_dir / 'psp_mobile_mobile_ade20k_kd_test.txt').read_text()
+        assert 'Overall validation' not in text
 
 
 def test_error_checkpoint_of_another_network(val_root, tmp_path, capsys):

@@ -2,11 +2,12 @@
 
 - A run killed after the resume file of iteration 6 was written and continued with --resume auto writes
   the same files as the run never stopped: the student checkpoints, every tensor of the resume file and
-  the validation history, bit for bit (CPU), for train_baseline.py and train_mgd.py (a method with a
-  trained generator and a random mask), on one process and on two, with 0 and 2 loader workers.
+  the validation history, bit for bit (CPU), for train_mgd.py (a method with a trained generator and a random
+  mask; the baseline's loop is a part of it), on one process with gradient accumulation and on two, with 0
+  and 2 loader workers.
 - --grad-accum 2 on one process follows two processes without it.
 - A made-up method that owns each thing the contract allows (a module trained with the student, an
-  optimizer of its own, a logged-only term, a buffer DDP must not touch, a random generator).
+  optimizer of its own, a logged-only term, a buffer never broadcast, a random generator).
 """
 import json
 import os
@@ -79,9 +80,8 @@ def run_files(folder, name):
 
 
 RESUME_CASES = [
-    # name, processes, extra flags
-    ('baseline', 1, []),
-    ('baseline', 2, ['--batch-size', '4']),
+    # name, processes, extra flags (MGD: a method with a module trained with the student and a random generator;
+    # the baseline's loop is a part of it)
     ('mgd', 1, ['--batch-size', '4', '--grad-accum', '2']),  # resume stays exact with accumulation
     ('mgd', 2, ['--batch-size', '4']),
 ]

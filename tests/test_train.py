@@ -19,7 +19,6 @@ import pytest
 import torch
 from launch import (
     LAUNCH,
-    LOG_LINE,
     PYTHON,
     REPO,
     TIMEOUT,
@@ -149,38 +148,22 @@ def test_baseline_two_nodes(setup, tmp_path):
 
 # ---------------------------------------------------------------- crash, pre-emption, divergence
 
-def test_baseline_plain_sigkill_then_resume_auto(setup, tmp_path):
-    """One plain process killed with SIGKILL; --resume auto continues at the next iteration, same lr."""
-    max_iterations = 12
-    args = common(setup, tmp_path, batch=2, iters=max_iterations, log_iter=1, save_per_iters=2, skip_val=True) + [
-        '--pretrained-base', 'None']
-    stem = 'baseline_deeplabv3_resnet18_citys'
-    resume_path = tmp_path / 'ckpt' / f'{stem}_resume.pth'
-    with open(tmp_path / 'first.out', 'w') as out:
-        # --resume auto without a resume file yet: starts at iteration 0 and says so
-        proc = subprocess.Popen([PYTHON, script('train_baseline.py')] + args + ['--resume', 'auto'], cwd=tmp_path,
-                                env=clean_env(), stdout=out, stderr=subprocess.STDOUT)
-        try:
-            assert wait_for(resume_path.exists, proc), 'no resume file was written'
-            proc.send_signal(signal.SIGKILL)
-        finally:
-            proc.wait(timeout=TIMEOUT)
-    assert proc.returncode == -signal.SIGKILL
-    assert '--resume auto: no resume file' in (tmp_path / 'first.out').read_text()
-    done = torch.load(resume_path, weights_only=True)['iteration']
-    assert 2 <= done < max_iterations and done % 2 == 0
-
-    proc = run([PYTHON, script('train_baseline.py')] + args + ['--resume', 'auto'], tmp_path)
-    must_succeed(proc)
-    log = tmp_path / 'logs' / f'{stem}_log.txt'
-    assert f'Resumed from {resume_path}: iteration {done}/{max_iterations}' in log.read_text()
-    after = log.read_text().split('Resumed from')[1]
-    lines = [m for m in (LOG_LINE.search(line) for line in after.splitlines()) if m]
-    assert [int(m.group(1)) for m in lines] == list(range(done + 1, max_iterations + 1))
-    for m in lines:
-        assert float(m.group(3)) == pytest.approx(poly(0.01, int(m.group(1)) - 1, max_iterations), abs=1e-6)
-    assert torch.load(resume_path, weights_only=True)['iteration'] == max_iterations
-    check_student_file(tmp_path / 'ckpt' / f'{stem}.pth')
+def test_slurm_srun_two_tasks(setup, tmp_path):
+    """Two processes started as SLURM's srun starts its tasks: no RANK / WORLD_SIZE / LOCAL_RANK, but
+    SLURM_PROCID, SLURM_NTASKS, SLURM_LOCALID, and MASTER_ADDR / MASTER_PORT exported by the sbatch script."""
+    args = common(setup, tmp_path, batch=4, iters=2, log_iter=1, skip_val=True) + ['--pretrained-base', 'None']
+    port = str(free_port())
+    procs = []
+    for task in (0, 1):
+        env = clean_env(SLURM_PROCID=str(task), SLURM_NTASKS='2', SLURM_LOCALID=str(task), MASTER_ADDR='127.0.0.1',
+                        MASTER_PORT=port)
+        procs.append(subprocess.Popen([PYTHON, script('train_baseline.py')] + args, cwd=tmp_path, env=env,
+                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    outputs = [proc.communicate(timeout=TIMEOUT)[0] for proc in procs]
+    assert [proc.returncode for proc in procs] == [0, 0], outputs[0][-3000:] + outputs[1][-3000:]
+    log = (tmp_path / 'logs' / 'baseline_deeplabv3_resnet18_citys_log.txt').read_text()
+    assert 'Using 2 process(es)' in log and 'Device-hours' in log
+    check_student_file(tmp_path / 'ckpt' / 'baseline_deeplabv3_resnet18_citys.pth')
 
 
 def test_sigterm_saves_resume_file_on_all_ranks(setup, tmp_path):

@@ -49,9 +49,10 @@ from utils.errors import UserError, run_main
 from utils.results import EXECUTION_FLAGS, FILE_FLAGS, FLAGS_SUFFIX, HISTORY_SUFFIX, read_history
 from utils.scripts import method_order
 
-# Flags that do not tell settings apart: those of utils.results.EXECUTION_FLAGS (where and how a run executes)
-# and --seed, which a sweep varies.
-SWEEP_FLAGS = EXECUTION_FLAGS | {'seed'}
+# Flags that do not tell settings apart: those of utils.results.EXECUTION_FLAGS (where and how a run executes),
+# --seed, which a sweep varies, and --dataset, which the group holds (the flags file's data set, an alias such as
+# coco_stuff_164k resolved).
+SWEEP_FLAGS = EXECUTION_FLAGS | {'seed', 'dataset'}
 # Row order: the baseline first, then the methods by the year of their paper (the scripts' YEAR); others after
 # these, by name.
 METHOD_ORDER = method_order()

@@ -14,6 +14,7 @@ Every step is skipped when its result is already there, so re-running it is chea
 over. `--smoke` runs every step at the smallest sizes (the tests use it).
 """
 import argparse
+import importlib
 import json
 import os
 import shutil
@@ -98,10 +99,11 @@ def say(message):
 
 
 class Demo:
-    def __init__(self, out_dir, sizes, nproc, seed):
+    def __init__(self, out_dir, sizes, nproc, seed, in_process=False):
         self.out = os.path.abspath(out_dir)
         self.sizes = sizes
         self.nproc = nproc
+        self.in_process = in_process
         self.seed = seed
         self.data = os.path.join(self.out, 'data')
         self.ckpt = os.path.join(self.out, 'ckpt')
@@ -138,8 +140,10 @@ class Demo:
         s = self.sizes
         teacher = title == 'Teacher'
         iters = s.teacher_iters if teacher else s.student_iters
-        cmd = [sys.executable, '-m', 'torch.distributed.run', '--standalone', f'--nproc_per_node={self.nproc}',
-               script.path, '--dataset', 'citys', '--data', self.data, '--no-cuda', '--workers', '1',
+        launcher = [] if self.in_process else ['-m', 'torch.distributed.run', '--standalone',
+                                               f'--nproc_per_node={self.nproc}']
+        cmd = [sys.executable] + launcher + [script.path, '--dataset', 'citys', '--data', self.data, '--no-cuda',
+               '--workers', '1',
                '--crop-size', s.crop, '--batch-size', str(s.batch_size), '--max-iterations', str(iters),
                '--lr', str(s.lr), '--log-iter', str(max(1, iters // 6)), '--skip-val',
                '--save-dir', self.ckpt, '--log-dir', self.logs, '--seed', str(self.seed)]
@@ -151,8 +155,8 @@ class Demo:
                     '--student-model', model, '--student-backbone', backbone,
                     '--student-pretrained-base', 'None']
             cmd += list(script.recommended_flags)
-        say(f'{title}: training {model}/{backbone} with {script.name} for {iters} iterations '
-            f'({self.nproc} processes under torchrun)')
+        how = 'in this process' if self.in_process else f'{self.nproc} processes under torchrun'
+        say(f'{title}: training {model}/{backbone} with {script.name} for {iters} iterations ({how})')
         self.run(cmd)
         return final
 
@@ -178,6 +182,8 @@ class Demo:
     def run(self, cmd, capture=False):
         shown = ' '.join(os.path.relpath(c, REPO) if c.startswith(REPO + os.sep) else c for c in cmd[1:])
         say(f'$ python {shown}')
+        if self.in_process:
+            return self._run_here(cmd)
         proc = subprocess.run(cmd, cwd=REPO, env=self.env, text=True,
                               stdout=subprocess.PIPE if capture else None,
                               stderr=subprocess.STDOUT if capture else None)
@@ -188,6 +194,17 @@ class Demo:
                                  f'(exit status {proc.returncode})' + (f':\n{output[-3000:]}' if output else
                                                                        ' (its messages are above)'))
         return proc.stdout or ''
+
+    def _run_here(self, cmd):
+        """The command's script called in this process (`--in-process`): its `main` with the command's flags."""
+        position = next(i for i, c in enumerate(cmd) if c.endswith('.py'))
+        name = os.path.splitext(os.path.basename(cmd[position]))[0]
+        module = importlib.import_module(name)
+        try:
+            module.main(cmd[position + 1:])
+        except StopCommand as stop:
+            raise DemoStepFailed(f'{name}.py failed: {stop.describe()}') from None
+        return ''
 
     # ---- the story ------------------------------------------------------------------------------
     def table(self, results):
@@ -250,6 +267,9 @@ def main(argv=None):
     parser.add_argument('--seed', type=int, default=0)
     parser.add_argument('--fresh', action='store_true', help='delete earlier demo results first')
     parser.add_argument('--smoke', action='store_true', help='smallest sizes, for the tests')
+    parser.add_argument('--in-process', action='store_true',
+                        help='call the scripts in this process, one after another, instead of launching them (the '
+                             'tests use it with --smoke; --nproc is then 1)')
     args = parser.parse_args(argv)
 
     if args.nproc < 1:
@@ -261,7 +281,8 @@ def run_demo(args):
     start = time.time()
     if args.fresh:
         shutil.rmtree(args.out, ignore_errors=True)
-    demo = Demo(args.out, SMOKE if args.smoke else FULL, args.nproc, args.seed)
+    demo = Demo(args.out, SMOKE if args.smoke else FULL, 1 if args.in_process else args.nproc, args.seed,
+                in_process=args.in_process)
     demo.make_data()
     checkpoints = {}
     for title, script, net in RUNS:

@@ -42,7 +42,14 @@ def _unwrap(model):
     return model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
 
 
-def _logits(model, image):
+def _logits(model, image, tile_width=None):
+    """The network's logits for `image`; with `tile_width`, the image is cut into vertical strips of that width
+    (the last may be narrower), each predicted alone, and their logits are put side by side (CIRKDv2's protocol
+    for its SegFormers on Cityscapes: two 1024-wide halves of a 1024 x 2048 image)."""
+    if tile_width is not None and image.shape[-1] > tile_width:
+        strips = [_logits(model, image[..., start:start + tile_width])
+                  for start in range(0, image.shape[-1], tile_width)]
+        return torch.cat(strips, dim=-1)
     out = model(image)
     return out[0] if isinstance(out, (list, tuple)) else out
 
@@ -54,13 +61,13 @@ def scaled_size(height, width, scale):
 
 
 @torch.no_grad()
-def predict(model, image, scales=(1.0,), flip=False):
+def predict(model, image, scales=(1.0,), flip=False, tile_width=None):
     """Logits N x C x H x W at the input's full size H x W, averaged over `scales` (and, with `flip`,
     over each scale's prediction and the unflipped prediction of the horizontally flipped image).
 
     image: N x 3 x H x W on the model's device. For each scale the image is resized bilinearly with
-    align_corners=True; the logits are resized back to H x W the same way. The model is used as it
-    is (call model.eval() first).
+    align_corners=True; the logits are resized back to H x W the same way. `tile_width`: see `_logits`. The
+    model is used as it is (call model.eval() first).
     """
     if len(scales) == 0:
         raise ValueError('predict needs at least one scale')
@@ -73,9 +80,9 @@ def predict(model, image, scales=(1.0,), flip=False):
         size = scaled_size(height, width, scale)
         scaled = image if size == (height, width) else F.interpolate(
             image, size=size, mode='bilinear', align_corners=True)
-        logits = _full_size(_logits(model, scaled), height, width)
+        logits = _full_size(_logits(model, scaled, tile_width), height, width)
         if flip:
-            flipped = _full_size(_logits(model, scaled.flip(-1)), height, width).flip(-1)
+            flipped = _full_size(_logits(model, scaled.flip(-1), tile_width), height, width).flip(-1)
             logits = (logits + flipped) * 0.5
         total = logits if total is None else total + logits
     return total / len(scales)
@@ -100,7 +107,7 @@ def split_batch(batch):
 
 @torch.no_grad()
 def evaluate(model, loader, num_class, device, scales=(1.0,), flip=False, progress=False,
-             on_prediction=None, labelled=True):
+             on_prediction=None, labelled=True, tile_width=None):
     """Confusion matrix of `model` over `loader`, already summed over all processes.
 
     Use a loader with a `ShardSampler` when distributed (each image once). Images are predicted one
@@ -124,7 +131,7 @@ def evaluate(model, loader, num_class, device, scales=(1.0,), flip=False, progre
             if not labelled:
                 label = None
             image = torch.as_tensor(image).to(device, non_blocking=True)
-            pred = predict(net, image, scales=scales, flip=flip).argmax(dim=1)
+            pred = predict(net, image, scales=scales, flip=flip, tile_width=tile_width).argmax(dim=1)
             if label is not None:
                 label = torch.as_tensor(label).to(device, non_blocking=True)
                 matrix.update(pred, label)

@@ -98,8 +98,8 @@ def add_data_args(parser):
                        help=f'data set name ({FOLDER!r}: your own data in --data, see the README)')
     group.add_argument('--data', type=str, default=None, metavar='DIR',
                        help="dataset root; overrides the data set's root in settings.py")
-    group.add_argument('--crop-size', type=crop_size, default=(512, 512), metavar='H,W',
-                       help='training crop size: height,width (default: 512,512)')
+    group.add_argument('--crop-size', type=crop_size, nargs='+', default=(512, 512), metavar='H,W',
+                       help="training crop size: height,width, or CIRKD's two numbers 'H W' (default: 512,512)")
     group.add_argument('--workers', '-j', type=non_negative_int, default=8, metavar='N',
                        help='data loader processes per training process')
     group.add_argument('--ignore-label', type=int, default=-1, help='label value ignored by the loss')
@@ -211,6 +211,17 @@ def build_parser(description, distillation):
 
 # ---------------------------------------------------------------- checks after parsing
 
+def _one_crop_size(parser, values):
+    """--crop-size as (h, w) from 'H,W', 'S' or CIRKD's two values 'H W' (nargs='+' gives a list of pairs)."""
+    if isinstance(values, tuple) and len(values) == 2 and all(isinstance(v, int) for v in values):
+        return values  # the default
+    if len(values) == 1:
+        return values[0]
+    if len(values) == 2 and all(h == w for h, w in values):
+        return values[0][0], values[1][0]
+    parser.error(f'--crop-size: give HEIGHT,WIDTH or HEIGHT WIDTH, got {len(values)} values')
+
+
 def is_distillation(args):
     return hasattr(args, 'teacher_model')
 
@@ -258,6 +269,7 @@ def validate_args(parser, args, default_dir=None):
 
     `default_dir`: the folder for --save-dir and --log-dir when they are not given (train_hwd.py: one folder
     per HWD setting, as the original); None means the original's ./ckpt and ./logs/."""
+    args.crop_size = _one_crop_size(parser, args.crop_size)
     world_size = world_size_from_env()
     if args.batch_size % (world_size * args.grad_accum) != 0:
         parser.error(f'--batch-size {args.batch_size} is the total over all processes and micro-batches and must '

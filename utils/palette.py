@@ -6,7 +6,9 @@ encoding, so that the file is both a picture and a label map:
 - voc: class ids 0..20, ignore = 255 (VOC's boundary colour); the standard VOC colour map;
 - ade20k: class k stored as k + 1 (the ADEChallenge annotation values), ignore = 0 (black); the
   ADE20K palette;
-- coco: class ids 0..181 (stuffthingmaps values), ignore = 255; the VOC-style colour map over 256 ids;
+- coco (and its alias coco_stuff_164k): class ids 0..181 (stuffthingmaps values), ignore = 255; the VOC-style
+  colour map over 256 ids;
+- camvid: class ids 0..10, ignore = 11 (CamVid's void, black); CamVid's colour code (Brostow et al., 2008);
 - folder (a user's own data set): class ids, ignore = 255; the VOC colour map.
 """
 from dataclasses import dataclass
@@ -14,6 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
+from dataset import canonical_name
 from dataset.datasets import CITYSCAPES_TRAINID_TO_LABELID
 from utils.errors import UserError
 
@@ -38,6 +41,21 @@ CITYSCAPES_COLORS = np.array([
     (0, 80, 100),     # train
     (0, 0, 230),      # motorcycle
     (119, 11, 32),    # bicycle
+], dtype=np.uint8)
+
+# CamVid's colour code (Brostow et al., 2008) for SegNet's 11 classes, in class-id order.
+CAMVID_COLORS = np.array([
+    (128, 128, 128),  # Sky
+    (128, 0, 0),      # Building
+    (192, 192, 128),  # Pole
+    (128, 64, 128),   # Road
+    (0, 0, 192),      # Sidewalk
+    (128, 128, 0),    # Tree
+    (192, 128, 128),  # SignSymbol
+    (64, 64, 128),    # Fence
+    (64, 0, 128),     # Car
+    (64, 64, 0),      # Pedestrian
+    (0, 128, 192),    # Bicyclist
 ], dtype=np.uint8)
 
 # The ADE20K (SceneParsing) colours of the 150 classes, class 0 (wall) first.
@@ -110,13 +128,14 @@ ENCODINGS = {
     'voc': LabelEncoding(0, 255, _VOC_MAP),
     'ade20k': LabelEncoding(1, 0, _full_palette(ADE20K_COLORS, 1, 0, (0, 0, 0))),
     'coco': LabelEncoding(0, 255, _VOC_MAP),
+    'camvid': LabelEncoding(0, 11, _full_palette(CAMVID_COLORS, 0, 11, (0, 0, 0))),
     'folder': LabelEncoding(0, 255, _VOC_MAP),
 }
 
 
 def get_encoding(dataset):
     try:
-        return ENCODINGS[dataset]
+        return ENCODINGS[canonical_name(dataset)]
     except KeyError:
         raise UserError(f'no colour palette for data set {dataset!r}; known: {", ".join(sorted(ENCODINGS))}') from None
 

@@ -34,7 +34,7 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader
 
-from dataset import build_dataset, dataset_info
+from dataset import build_dataset, canonical_name, dataset_info
 from utils.checkpointing import (
     BackgroundWriter,
     ResumeError,
@@ -224,7 +224,7 @@ class Trainer:
     def _write_flags(self):
         args = self.args
         record = {'method': self.method_name, 'model': self.model_name, 'backbone': self.backbone,
-                  'dataset': args.dataset, 'seed': args.seed, 'world_size': self.ctx.world_size,
+                  'dataset': canonical_name(args.dataset), 'seed': args.seed, 'world_size': self.ctx.world_size,
                   'environment': environment(self.device, self.ctx.world_size, args.amp),
                   'parameter_groups': [{'name': name, 'tensors': tensors, 'parameters': count, 'lr_mult': mult,
                                         'weight_decay': decay}
