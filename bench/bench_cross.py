@@ -29,18 +29,22 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+import torch  # noqa: E402
+
 from bench.table import (  # noqa: E402
     build_script_step,
     extra_flags,
     markdown_table,
     method_list,
-    network_name,
+    network_list,
     plain_loader,
     save_fresh_network,
     script_argv,
     smallest_crop,
     write_toy_citys,
 )
+from models.model_zoo import build_segmentation_model, describe_network  # noqa: E402
+from utils.flops import count_flops  # noqa: E402
 from utils.scripts import training_scripts  # noqa: E402
 
 NUM_CLASS = 19  # Cityscapes
@@ -58,11 +62,9 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
     parser.add_argument('--methods', type=method_list(methods), default=list(methods),
                         help=f'comma-separated distillation methods (default: all: {",".join(methods)})')
-    parser.add_argument('--students', type=lambda text: [network_name(t) for t in text.split(',')],
-                        default=[network_name(t) for t in STUDENTS],
+    parser.add_argument('--students', type=network_list, default=','.join(STUDENTS),
                         help=f'students, MODEL[:BACKBONE],... (default: {",".join(STUDENTS)})')
-    parser.add_argument('--teachers', type=lambda text: [network_name(t) for t in text.split(',')],
-                        default=[network_name(t) for t in TEACHERS],
+    parser.add_argument('--teachers', type=network_list, default=','.join(TEACHERS),
                         help='one teacher per family, MODEL[:BACKBONE],... (default: '
                              f'{",".join(TEACHERS)})')
     parser.add_argument('--crop', type=int, default=64, help='square crop side (default 64)')
@@ -96,7 +98,6 @@ def parse_args(argv=None):
 
 
 def _family(network):
-    from models.model_zoo import describe_network
     return describe_network(*network, 1).family
 
 
@@ -109,18 +110,38 @@ def _setting(args, script, teachers):
 
 
 def _teacher_gmacs(teacher, crop):
-    import torch
-
-    from models.model_zoo import build_segmentation_model
-    from utils.flops import count_flops
     with torch.device('meta'):
         net = build_segmentation_model(*teacher, NUM_CLASS, False)
     return count_flops(net, (1, 3, crop, crop)) / 1e9
 
 
+def _time_row(args, script, student, teachers, files, data, setting):
+    """{'same', 'cross': median seconds per iteration}: both runs built, then stepped in turn on the same
+    batches (read before the clock starts)."""
+    crop, batch, iters = setting
+    total = args.warmup + iters
+    steppers = {}
+    flags = None
+    for kind, teacher in teachers.items():
+        argv = script_argv(script, student, teacher, files[teacher], data, crop, batch, total)
+        flags, built = build_script_step(script, argv + extra_flags(script, args.quick))
+        steppers[kind] = built.stepper
+    batches = [micro_batch for _, micro_batch in zip(range(total), plain_loader(flags), strict=False)]
+    times = {kind: [] for kind in steppers}
+    kinds = list(steppers)
+    for iteration, micro_batch in enumerate(batches, start=1):
+        order = kinds if iteration % 2 else kinds[::-1]
+        for kind in order:
+            start = time.perf_counter()
+            steppers[kind].step([micro_batch], iteration, seed=False)
+            if iteration > args.warmup:
+                times[kind].append(time.perf_counter() - start)
+    return {kind: statistics.median(values) for kind, values in times.items()}
+
+
 def main(argv=None):
-    import torch
     args = parse_args(argv)
+    threads = torch.get_num_threads()
     torch.set_num_threads(args.threads)
     scripts = distillation_scripts()
     work = tempfile.mkdtemp(prefix='bench_cross_')
@@ -148,31 +169,8 @@ def main(argv=None):
                       f'{medians["same"]:.4f} s/it, cross {medians["cross"]:.4f} s/it', file=sys.stderr, flush=True)
         _print_table(args, rows)
     finally:
+        torch.set_num_threads(threads)
         shutil.rmtree(work, ignore_errors=True)
-
-
-def _time_row(args, script, student, teachers, files, data, setting):
-    """{'same', 'cross': median seconds per iteration}: both runs built, then stepped in turn on the same
-    batches (read before the clock starts)."""
-    crop, batch, iters = setting
-    total = args.warmup + iters
-    steppers = {}
-    flags = None
-    for kind, teacher in teachers.items():
-        argv = script_argv(script, student, teacher, files[teacher], data, crop, batch, total)
-        flags, built = build_script_step(script, argv + extra_flags(script, args.quick))
-        steppers[kind] = built.stepper
-    batches = [micro_batch for _, micro_batch in zip(range(total), plain_loader(flags), strict=False)]
-    times = {kind: [] for kind in steppers}
-    kinds = list(steppers)
-    for iteration, micro_batch in enumerate(batches, start=1):
-        order = kinds if iteration % 2 else kinds[::-1]
-        for kind in order:
-            start = time.perf_counter()
-            steppers[kind].step([micro_batch], iteration, seed=False)
-            if iteration > args.warmup:
-                times[kind].append(time.perf_counter() - start)
-    return {kind: statistics.median(values) for kind, values in times.items()}
 
 
 def _print_table(args, rows):

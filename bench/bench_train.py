@@ -6,7 +6,7 @@ machine's CPU.
 
 The scripts are those of utils.scripts (every `train_*.py` that declares a METHOD), each with its
 RECOMMENDED_FLAGS (and its QUICK_FLAGS with --quick). For each script, two measurements, each in its own process
-(so that the peak memory, ru_maxrss, is its own):
+(so that the peak memory, ru_maxrss, is its own; --in-process runs them in this one, for quick checks):
 - `bare + loader`: the loop's own step in a plain loop. The command line goes through the script's own parser
   and checks; `utils.train_build.build_run` builds what the loop builds (student, method, teacher, optimizer over
   the parameter groups, the same seeded initial weights), and `Stepper.step(micro_batches, iteration,
@@ -32,6 +32,7 @@ both flavours (e.g. glibc's MALLOC_MMAP_THRESHOLD_ / MALLOC_TRIM_THRESHOLD_).
 """
 import argparse
 import json
+import logging
 import os
 import resource
 import shutil
@@ -45,6 +46,9 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO not in sys.path:
     sys.path.insert(0, REPO)
 
+import torch  # noqa: E402
+
+import utils.train_loop as train_loop  # noqa: E402
 from bench.table import (  # noqa: E402
     build_script_step,
     extra_flags,
@@ -92,6 +96,9 @@ def parse_args(argv=None):
     parser.add_argument('--threads', type=int, default=2, help='torch threads of each measured process')
     parser.add_argument('--quick', action='store_true',
                         help="add the scripts' QUICK_FLAGS (e.g. CIRKD's small memories) to both flavours")
+    parser.add_argument('--in-process', action='store_true',
+                        help='run both flavours in this process, one after the other (quick checks: no peak '
+                             'memory per run, and the later runs find the imports done)')
     parser.add_argument('--keep', action='store_true', help='keep the temporary folder (data, logs of the runs)')
     parser.add_argument('--child', choices=MODES, help=argparse.SUPPRESS)
     parser.add_argument('--script', help=argparse.SUPPRESS)
@@ -137,7 +144,6 @@ def _bare(script, argv):
 
 def _loop(script, argv):
     """The script's real main(argv); the time stamp after every iteration's logging and saving."""
-    import utils.train_loop as train_loop
     stamps = []
     after_step = train_loop.Trainer._after_step
 
@@ -145,25 +151,42 @@ def _loop(script, argv):
         after_step(self, *args, **kwargs)
         stamps.append(_stamp())
 
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
     train_loop.Trainer._after_step = timed_after_step
     try:
         script_module(script).main(argv)
     finally:
         train_loop.Trainer._after_step = after_step
+        # the run's log handlers go (run in this process, they would outlive it)
+        for handler in list(root.handlers):
+            root.removeHandler(handler)
+            handler.close()
+        for handler in handlers:
+            root.addHandler(handler)
+        root.setLevel(level)
     return stamps
 
 
-def child(args):
-    import torch
-    torch.set_num_threads(args.threads)
-    script = training_scripts()[args.script]
-    argv = json.loads(args.argv)
-    stamps = _loop(script, argv) if args.child == 'loop' else _bare(script, argv)
-    times = [t for t, _ in stamps[args.warmup - 1:]]
+def measure(mode, method, argv, warmup, threads):
+    """{'steps', 'median', 'mean', 'faults_per_it', 'peak_rss_mb'} of one run of `method`'s script (the
+    flavour `mode`) in this process; the steps after the first `warmup` iterations."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        script = training_scripts()[method]
+        stamps = _loop(script, argv) if mode == 'loop' else _bare(script, argv)
+    finally:
+        torch.set_num_threads(previous)
+    times = [t for t, _ in stamps[warmup - 1:]]
     steps = [b - a for a, b in zip(times[:-1], times[1:], strict=True)]
-    faults = (stamps[-1][1] - stamps[args.warmup - 1][1]) / len(steps)
-    result = {'steps': steps, 'median': statistics.median(steps), 'mean': statistics.mean(steps),
-              'faults_per_it': faults, 'peak_rss_mb': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0}
+    faults = (stamps[-1][1] - stamps[warmup - 1][1]) / len(steps)
+    return {'steps': steps, 'median': statistics.median(steps), 'mean': statistics.mean(steps),
+            'faults_per_it': faults, 'peak_rss_mb': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0}
+
+
+def child(args):
+    result = measure(args.child, args.script, json.loads(args.argv), args.warmup, args.threads)
     with open(args.out, 'w') as handle:
         json.dump(result, handle)
 
@@ -190,6 +213,10 @@ def _script_argv(args, script, data, teacher_file, run_dir):
 
 def _run_child(args, mode, method, argv, run_dir):
     os.makedirs(run_dir, exist_ok=True)
+    if args.in_process:
+        result = measure(mode, method, argv, args.warmup, args.threads)
+        result['peak_rss_mb'] = None  # the whole process's, not the run's
+        return result
     out = os.path.join(run_dir, 'result.json')
     console = os.path.join(run_dir, 'console.txt')
     cmd = [sys.executable, os.path.abspath(__file__), '--child', mode, '--script', method, '--argv', json.dumps(argv),
@@ -229,14 +256,17 @@ def _print_table(args, scripts, results):
         runs = results[method]
         best = {mode: {key: min(r[key] for r in runs[mode]) for key in ('median', 'mean')} for mode in MODES}
         faults = {mode: statistics.median(r['faults_per_it'] for r in runs[mode]) for mode in MODES}
-        rss = {mode: max(r['peak_rss_mb'] for r in runs[mode]) for mode in MODES}
         ratio = best['loop']['median'] / best['bare']['median']
         mean_ratio = best['loop']['mean'] / best['bare']['mean']
         over = '' if ratio <= GOAL else ' (over)'
+        memory = 'n/a (in process)'
+        if not args.in_process:
+            rss = {mode: max(r['peak_rss_mb'] for r in runs[mode]) for mode in MODES}
+            memory = f'{rss["bare"]:.0f} / {rss["loop"]:.0f}'
         per_run = '; '.join(' '.join(f'{r["median"]:.3f}' for r in runs[mode]) for mode in MODES)
         print(f'| {method} | {crop}, {batch} | {iters} | {best["bare"]["median"]:.4f} | {best["loop"]["median"]:.4f} | '
               f'{ratio:.3f}x{over} | {best["bare"]["mean"]:.4f} | {best["loop"]["mean"]:.4f} | {mean_ratio:.3f}x | '
-              f'{per_run} | {faults["bare"]:.0f} / {faults["loop"]:.0f} | {rss["bare"]:.0f} / {rss["loop"]:.0f} |')
+              f'{per_run} | {faults["bare"]:.0f} / {faults["loop"]:.0f} | {memory} |')
 
 
 def main(argv=None):

@@ -1,7 +1,8 @@
 """Every network of the model zoo: parameters (against CIRKDv2's counts), multiply-adds, output stride and
-feature channels, built on the meta device (no weights, nothing computed: the whole zoo in well under a minute).
+feature channels, built on the meta device (no weights, nothing computed: the whole zoo in about half a minute
+on two cores).
 
-    .venv/bin/python bench/bench_zoo.py [--models psp_mobile,segformer:MiT_B0] [--size 512x512,1024x2048]
+    .venv/bin/python bench/bench_zoo.py [--models psp_mobile,segformer:MiT_B0] [--size 512x512,1024x2048] [--jobs 2]
 
 One row per (model, backbone) of `models.model_zoo.MODEL_BACKBONES` and head width (DeepLabV3 and PSPNet on a
 ResNet exist in two widths: HWD's / CIRKD v1's and CIRKDv2's), 19 classes (Cityscapes), the aux head on for the
@@ -16,7 +17,11 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+import torch  # noqa: E402
+
 from bench.table import markdown_table  # noqa: E402
+from models.model_zoo import MODEL_BACKBONES, build_segmentation_model, has_aux_head, head_widths  # noqa: E402
+from utils.flops import count_flops, count_params  # noqa: E402
 
 NUM_CLASS = 19  # Cityscapes
 
@@ -65,7 +70,6 @@ def _sizes(text):
 
 def _selection(text):
     """'model' or 'model:backbone', comma-separated -> [(model, backbone or None)], checked against the zoo."""
-    from models.model_zoo import MODEL_BACKBONES
     selected = []
     for item in (part.strip() for part in text.split(',') if part.strip()):
         model, _, backbone = item.partition(':')
@@ -96,22 +100,17 @@ def parse_args(argv=None):
 
 def configurations(selection=None):
     """[(model, backbone, head width)] of the zoo (or of the selected networks), both widths where there are two."""
-    from models.model_zoo import MODEL_BACKBONES, _widths
     chosen = []
     for model, backbones in MODEL_BACKBONES.items():
         for backbone in backbones:
             if selection is None or any(model == m and b in (None, backbone) for m, b in selection):
-                chosen += [(model, backbone, width) for width in _widths(model, backbone)]
+                chosen += [(model, backbone, width) for width in head_widths(model, backbone)]
     return chosen
 
 
 def measure(model, backbone, width, sizes):
     """{'params', 'macs' (one per size), 'output_stride', 'feature_channels'} of a network built on the meta
     device."""
-    import torch
-
-    from models.model_zoo import build_segmentation_model, has_aux_head
-    from utils.flops import count_flops, count_params
     with torch.device('meta'):
         net = build_segmentation_model(model, backbone, NUM_CLASS, has_aux_head(model, backbone), head_width=width)
     return {'params': count_params(net), 'macs': [count_flops(net, (1, 3) + size) for size in sizes],

@@ -42,6 +42,7 @@ import datetime
 import gc
 import importlib
 import json
+import logging
 import math
 import os
 import re
@@ -54,17 +55,17 @@ from dataclasses import dataclass, field
 
 import torch
 
+from dataset import dataset_info
 from dataset.toy import make_toy_dataset
 from models.model_zoo import describe_network, get_segmentation_model, has_aux_head
 from utils.checkpointing import checkpoint_paths, checkpoint_stem
 from utils.cost import device_name, peak_memory_mb
 from utils.errors import StopCommand, run_main
 from utils.results import FLAGS_SUFFIX, HISTORY_SUFFIX, read_history
-from utils.scripts import training_scripts
+from utils.scripts import TrainingScript, training_scripts
 from utils.train_step import NonFiniteLossError
 
 DATASET = 'citys'
-NUM_CLASS = 19
 # The paper's run length, for the extrapolated hours.
 PAPER_ITERATIONS = 40000
 # Methods that also run without --amp on the GPU: the reference row and the paper's method.
@@ -103,7 +104,7 @@ SMOKE_SHAPES = Shapes(image_size=(64, 128), val_size=(64, 128), crop=64, batch=2
 class Run:
     """One training run: a script with its command line."""
     label: str
-    script: object           # utils.scripts.TrainingScript
+    script: TrainingScript
     amp: bool
     crop: int
     argv: list
@@ -119,14 +120,13 @@ class Run:
 class Row:
     """What one run measured; None where it could not be measured."""
     run: Run
-    amp: bool = None
-    seconds_per_iteration: float = None
-    images_per_second: float = None
-    peak_mb: float = None
-    finite: bool = None
+    amp: bool | None = None          # as the run's flags file records it (off on the CPU)
+    seconds_per_iteration: float | None = None
+    images_per_second: float | None = None
+    peak_mb: float | None = None
+    finite: bool | None = None
     wall_seconds: float = 0.0
-    error: str = None
-    timed_iterations: int = 0
+    error: str | None = None
 
     @property
     def ok(self):
@@ -144,11 +144,11 @@ class EvalRow:
     label: str
     images: int
     size: tuple
-    seconds_per_image: float = None
-    peak_mb: float = None
-    miou: float = None
+    seconds_per_image: float | None = None
+    peak_mb: float | None = None
+    miou: float | None = None
     wall_seconds: float = 0.0
-    error: str = None
+    error: str | None = None
 
     @property
     def ok(self):
@@ -162,6 +162,7 @@ class Report:
     path: str
     rows: list = field(default_factory=list)
     eval_rows: list = field(default_factory=list)
+    footer: list = field(default_factory=list)
 
 
 # ---------------------------------------------------------------- flags
@@ -296,7 +297,7 @@ def make_teacher(out, shapes):
     if not os.path.isfile(path):
         os.makedirs(os.path.dirname(path), exist_ok=True)
         torch.manual_seed(0)
-        net = get_segmentation_model(model, backbone, NUM_CLASS, has_aux_head(model, backbone))
+        net = get_segmentation_model(model, backbone, dataset_info(DATASET).num_class, has_aux_head(model, backbone))
         torch.save(net.state_dict(), path + '.part')
         os.replace(path + '.part', path)
     return path
@@ -306,7 +307,6 @@ def make_teacher(out, shapes):
 
 def _reset_logging():
     """Drop the handlers a command installed (its console handler writes to our redirected file)."""
-    import logging
     root = logging.getLogger()
     for handler in list(root.handlers):
         root.removeHandler(handler)
@@ -323,7 +323,8 @@ def _free_device(cuda):
 def _last_error_line(path):
     with open(path, encoding='utf-8', errors='replace') as handle:
         lines = [line.strip() for line in handle if line.strip()]
-    errors = [line for line in lines if line.startswith('error:') or ' error: ' in line]
+    # argparse writes 'PROG: error: MESSAGE', PROG being this process's name, not the script's
+    errors = [line[line.index('error: '):] for line in lines if line.startswith('error: ') or ': error: ' in line]
     return (errors or lines or ['(no output)'])[-1]
 
 
@@ -347,9 +348,9 @@ def call_main(module_name, argv, console_path):
             if stop.code not in (None, 0):
                 console.flush()
                 error = _last_error_line(console_path)
-        except Exception as failure:  # noqa: BLE001  (a failed run is a row of the table, not the end)
+        except Exception as failure:  # a failed run is a row of the table, not the end of the check
             traceback.print_exc(file=console)
-            error = f'{type(failure).__name__}: {str(failure).strip().splitlines()[0] if str(failure) else ""}'
+            error = f'{type(failure).__name__}: {(str(failure).strip().splitlines() or [""])[0]}'
         finally:
             _reset_logging()
     return time.perf_counter() - start, error, non_finite
@@ -400,8 +401,7 @@ def measure_run(run, shapes, cuda):
         with open(flags_path, encoding='utf-8') as handle:
             row.amp = bool(json.load(handle)['environment']['amp'])
     records = read_history(os.path.join(run.folder, run.stem + HISTORY_SUFFIX))
-    row.seconds_per_iteration, row.images_per_second, row.timed_iterations = timing_after_warmup(records,
-                                                                                                 shapes.batch)
+    row.seconds_per_iteration, row.images_per_second, _ = timing_after_warmup(records, shapes.batch)
     peaks = [r['peak_memory_mb'] for r in records if r.get('peak_memory_mb') is not None]
     row.peak_mb = max(peaks) if peaks else None
     values = logged_losses(os.path.join(run.folder, run.stem + '_log.txt'))
@@ -510,10 +510,12 @@ def eval_line(row):
 
 
 def write_markdown(report, batch):
-    lines = ['# GPU check', ''] + report.header + [''] + _header(TRAIN_COLUMNS)
+    lines = ['# GPU check', ''] + [f'- {line}' for line in report.header] + [''] + _header(TRAIN_COLUMNS)
     lines += [train_line(row, batch) for row in report.rows]
     if report.eval_rows:
         lines += [''] + _header(EVAL_COLUMNS) + [eval_line(row) for row in report.eval_rows]
+    if report.footer:
+        lines += [''] + report.footer
     tmp = report.path + '.part'
     with open(tmp, 'w', encoding='utf-8') as handle:
         handle.write('\n'.join(lines) + '\n')
@@ -532,8 +534,8 @@ def describe_shapes(shapes):
     teacher, student = '/'.join(shapes.teacher), '/'.join(shapes.student)
     h, w = shapes.image_size
     return (f'torch {torch.__version__}; {h}x{w} training images ({shapes.train_images}), crops {shapes.crop} '
-            f"(or a script's MIN_CROP), batch {shapes.batch}, {shapes.iters} iterations timed after the first "
-            f'{shapes.warmup}, validation every {shapes.warmup} on {shapes.val_images} images of '
+            f"(or a script's MIN_CROP), batch {shapes.batch}, {shapes.iters} iterations per run, timed after the "
+            f'first {shapes.warmup}, validation every {shapes.warmup} on {shapes.val_images} images of '
             f'{shapes.val_size[0]}x{shapes.val_size[1]}; teacher {teacher} (fresh weights), student {student}; '
             f'eval.py on {shapes.eval_images} images of {h}x{w}')
 
@@ -586,7 +588,11 @@ def main(argv=None):
         report.eval_rows.append(result)
         print('\n' + '\n'.join(_header(EVAL_COLUMNS)) + '\n' + eval_line(result), flush=True)
         write_markdown(report, shapes.batch)
-    print(f'total {time.perf_counter() - started:.1f} s; table in {report.path}', flush=True)
+    # What the runs left allocated: a leak between in-process runs would raise the later rows' peaks.
+    leftover = f'; CUDA memory still allocated: {torch.cuda.memory_allocated() / 2 ** 20:.0f} MB' if cuda else ''
+    report.footer = [f'total {time.perf_counter() - started:.1f} s{leftover}']
+    write_markdown(report, shapes.batch)
+    print(f'{report.footer[0]}; table in {report.path}', flush=True)
     if temporary:
         _remove_bulk(out)
 

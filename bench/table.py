@@ -13,11 +13,17 @@ import importlib
 import os
 import random
 import statistics
-import sys
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if REPO not in sys.path:
-    sys.path.insert(0, REPO)
+import torch
+from torch.utils.data import DataLoader
+
+from dataset import build_dataset, dataset_info
+from dataset.toy import make_toy_dataset
+from models.model_zoo import MODEL_BACKBONES, build_segmentation_model, check_model_name, describe_network, has_aux_head
+from utils.distributed import init_distributed
+from utils.errors import UserError
+from utils.seeding import derive_seed
+from utils.train_build import build_run
 
 # The discriminator of SKD / IFVD is sized for a stride-8 teacher: MIN_CROP scales with the teacher's stride.
 REFERENCE_STRIDE = 8
@@ -79,8 +85,6 @@ def parse_markdown_table(text):
 def network_name(text):
     """argparse type: 'model' or 'model:backbone' -> (model, backbone); a lone model takes its first backbone
     in the zoo's list (the mobile CNNs: 'mobile', HWD's name)."""
-    from models.model_zoo import MODEL_BACKBONES, check_model_name
-    from utils.errors import UserError
     model, _, backbone = text.partition(':')
     if not backbone and model in MODEL_BACKBONES:
         backbone = MODEL_BACKBONES[model][0]
@@ -89,6 +93,11 @@ def network_name(text):
     except UserError as error:
         raise argparse.ArgumentTypeError(f'{text!r}: {error}') from None
     return model, backbone
+
+
+def network_list(text):
+    """argparse type: comma-separated MODEL[:BACKBONE] -> [(model, backbone)]."""
+    return [network_name(item.strip()) for item in text.split(',') if item.strip()]
 
 
 def method_list(choices):
@@ -104,7 +113,6 @@ def method_list(choices):
 
 def output_stride(network):
     """The output stride a (model, backbone) states."""
-    from models.model_zoo import describe_network
     return describe_network(*network, 1).output_stride
 
 
@@ -150,13 +158,6 @@ def build_script_step(script, argv):
     """(parsed flags, BuiltRun) of `script` run with `argv`, in this process: what the loop builds (the same
     seeded initial weights), without its data loaders, meter, logging or saving. Step it with
     `built.stepper.step(micro_batches, iteration, seed=False)`."""
-    import torch
-
-    from dataset import dataset_info
-    from utils.distributed import init_distributed
-    from utils.seeding import derive_seed
-    from utils.train_build import build_run
-
     args, build_method = capture_run_training(script_module(script), argv)
     ctx = init_distributed(args)  # one process: no launcher environment, no process group
     num_class = dataset_info(args.dataset, args.data).num_class
@@ -169,9 +170,6 @@ def build_script_step(script, argv):
 def plain_loader(args):
     """A plain shuffled DataLoader over the training set the loop would build (same crops, augmentation,
     batch and workers; no seeded sampler)."""
-    from torch.utils.data import DataLoader
-
-    from dataset import build_dataset
     train_set = build_dataset(args.dataset, 'train', data_root=args.data,
                               max_iters=args.max_iterations * args.batch_size, crop_size=tuple(args.crop_size),
                               scale=True, mirror=True, ignore_label=args.ignore_label)
@@ -193,15 +191,11 @@ def iterations(loader, grad_accum):
 
 def write_toy_citys(root, crop, num_train=8):
     """A toy Cityscapes with images of 2 x crop by 4 x crop (Cityscapes' 1024 x 2048 against 512 crops)."""
-    from dataset.toy import make_toy_dataset
     return str(make_toy_dataset('citys', root, num_train=num_train, num_val=1, size=(2 * crop, 4 * crop), seed=0))
 
 
 def save_fresh_network(network, num_class, path, seed=1):
     """Save a network with freshly initialised weights (a stand-in teacher); the aux head where it has one."""
-    import torch
-
-    from models.model_zoo import build_segmentation_model, has_aux_head
     torch.manual_seed(seed)
     net = build_segmentation_model(*network, num_class, has_aux_head(*network))
     torch.save(net.state_dict(), path)

@@ -258,7 +258,7 @@ def describe_network(model, backbone, num_class, aux=False, head_width=None):
     return net.spec()
 
 
-def _widths(model, backbone):
+def head_widths(model, backbone):
     """The head widths a file of this network may hold."""
     default = default_head_width(model, backbone)
     if not has_variable_width(model):
@@ -282,7 +282,7 @@ def identify_network(state):
         for backbone in names:
             if aux and not has_aux_head(model, backbone):
                 continue
-            for width in _widths(model, backbone):
+            for width in head_widths(model, backbone):
                 layout = _layout(model, backbone, aux, width)
                 expected = {key: (num_class,) + shape[1:] if _is_class_row(key, shape) else shape
                             for key, shape in layout.items()}

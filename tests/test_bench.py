@@ -1,10 +1,13 @@
 """The benchmarks in their smallest settings: the tables have the rows and the numbers they must (timings are
 only checked to be positive; nothing here is timed)."""
+import json
+import statistics
+
 import pytest
 import torch
 
 from bench import bench_cross, bench_train, bench_zoo
-from bench.table import extra_flags, parse_markdown_table, smallest_crop
+from bench.table import extra_flags, parse_markdown_table, script_argv, smallest_crop
 from models.model_zoo import build_segmentation_model, has_aux_head
 from utils.flops import count_flops, count_params
 from utils.scripts import training_scripts
@@ -74,7 +77,7 @@ def test_cross_table_ratio(capsys):
 
 def test_train_table_loop_against_bare_step(capsys):
     bench_train.main(['--scripts', 'kd', '--iters', '1', '--warmup', '1', '--repeats', '1', '--crop', '32',
-                      '--batch', '2', '--threads', '1'])
+                      '--batch', '2', '--threads', '1', '--in-process'])
     rows = _table(capsys)
     assert [row['script'] for row in rows] == ['kd']
     row = rows[0]
@@ -82,6 +85,20 @@ def test_train_table_loop_against_bare_step(capsys):
     bare, loop = float(row['bare s/it median']), float(row['loop s/it median'])
     assert bare > 0 and loop > 0
     assert float(row['loop / bare median'].split('x')[0]) == pytest.approx(loop / bare, rel=0.01)
+
+
+def test_train_child_writes_its_steps(toy_root, tmp_path):
+    """The measuring child (run in a process of its own by the benchmark): the bare step of the baseline script,
+    one timed iteration after the warm-up."""
+    data = toy_root('citys', num_train=4, num_val=1, size=(64, 128))
+    script = training_scripts()['baseline']
+    argv = script_argv(script, ('psp_mobile', 'mobilenetv3_small'), None, None, str(data), 32, 2, 3)
+    out = tmp_path / 'result.json'
+    bench_train.main(['--child', 'bare', '--script', 'baseline', '--argv', json.dumps(argv), '--out', str(out),
+                      '--warmup', '1', '--threads', '1'])
+    result = json.loads(out.read_text())
+    assert len(result['steps']) == 2 and min(result['steps']) > 0
+    assert result['median'] == statistics.median(result['steps']) and result['peak_rss_mb'] > 0
 
 
 def test_train_refuses_a_large_crop_below_min_crop(capsys):

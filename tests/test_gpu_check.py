@@ -10,7 +10,8 @@ from launch import PYTHON, must_succeed, run
 from bench import gpu_check
 from utils.scripts import training_scripts
 
-SMOKE_SUBSET = ('baseline', 'kd', 'skd', 'hwd')
+# Two scripts keep the smoke test short (the plans above cover every script and the smallest crops).
+SMOKE_SUBSET = ('baseline', 'hwd')
 
 
 def flag_values(argv):
@@ -118,8 +119,7 @@ def test_smoke_run(tmp_path):
         cells = dict(zip(columns, row, strict=True))
         assert cells['amp'] == 'off' and cells['finite'] == 'yes' and cells['status'] == 'ok', row
         assert float(cells['s/it']) > 0 and float(cells['img/s']) > 0 and float(cells['peak MB']) > 0
-        side = 512 if cells['script'] == 'train_skd.py' else 64
-        assert cells['crop'] == f'{side}x{side}'
+        assert cells['crop'] == '64x64'
     (eval_row,) = table_rows(markdown, 'eval.py')
     cells = dict(zip(gpu_check.EVAL_COLUMNS, eval_row, strict=True))
     assert cells['status'] == 'ok' and float(cells['s/image']) > 0 and cells['size'] == '64x128'
