@@ -15,7 +15,7 @@ $(STAMP): requirements.txt requirements-dev.txt
 
 test: $(STAMP)
 	$(VPY) -m ruff check .
-	$(VPY) -m pytest -q tests
+	$(VPY) -m pytest -q -n auto --dist loadfile tests
 
 demo: $(STAMP)
 	$(VPY) -m utils.demo

@@ -14,9 +14,7 @@ sampler hands `(index, seed)` pairs whose seed depends only on `--seed` and the 
 restart. A plain integer index draws its seed from torch's global generator.
 """
 import logging
-import math
 import os
-from fractions import Fraction
 
 import torch
 from torch.utils import data
@@ -84,20 +82,37 @@ def draw_sample_params(height, width, crop_size, scale, mirror, generator):
     return SampleParams(factor, h_off, w_off, flip)
 
 
-def _aligned_window(offset, length, factor, in_size):
-    """The source span to resample for scaled positions offset..offset+length-1 of one axis.
+def _bilinear_taps(start, length, factor, in_size):
+    """The two source indices and the weight of the second for scaled positions start..start+length-1 of one
+    axis: OpenCV's INTER_LINEAR (and torch's bilinear without antialias) with half-pixel centres, source
+    position (x + 0.5) / factor - 0.5 clamped at 0, the last index repeated at the far edge. Computed in float32
+    from the float32 1 / factor, as torch's kernel does, so that the taps and weights are its own."""
+    dst = torch.arange(start, start + length, dtype=torch.float32)
+    src = (torch.tensor(1.0 / factor, dtype=torch.float32) * (dst + 0.5) - 0.5).clamp_(min=0)
+    first = src.floor()
+    weight = src - first
+    first = first.to(torch.long).clamp_(max=in_size - 1)
+    return first, (first + 1).clamp_(max=in_size - 1), weight
 
-    With factor = p/q in lowest terms, source position q*t lands exactly on scaled position p*t, so
-    resampling a span that starts there reproduces the whole-image result (same taps, same weights).
-    The span starts one step before the window, so that its clamped first edge is never used.
-    Returns (source start, source end, output length, output positions to skip).
-    """
-    ratio = Fraction(factor).limit_denominator(1000)
-    step_scaled, step_source = ratio.numerator, ratio.denominator
-    steps = max(0, (offset - 1) // step_scaled)
-    scaled_start = steps * step_scaled
-    source_end = min(in_size, math.ceil((offset + length) / factor) + 2)
-    return steps * step_source, source_end, offset - scaled_start + length, offset - scaled_start
+
+def _resample_bilinear(image, h_off, valid_h, w_off, valid_w, factor):
+    """The window (h_off, w_off, valid_h x valid_w) of `image` (uint8 C x H x W) scaled by `factor`, float32.
+
+    Written with index gathers and elementwise products and sums, one rounding per operation, so that every
+    pixel is the same whatever the number of threads (torch's bilinear kernel splits the work into vector and
+    scalar parts by thread, which rounds some pixels differently: a one-grey-level difference once rounded to
+    whole numbers, and a run that depended on the number of data loader workers)."""
+    rows, rows_next, row_weight = _bilinear_taps(h_off, valid_h, factor, image.shape[1])
+    cols, cols_next, col_weight = _bilinear_taps(w_off, valid_w, factor, image.shape[2])
+    first_row, first_col = int(rows[0]), int(cols[0])
+    # The source columns as rows (C x W x H), so that every gather copies whole rows.
+    columns = image[:, first_row:int(rows_next[-1]) + 1, first_col:int(cols_next[-1]) + 1].transpose(1, 2).contiguous()
+    # across each source row first, then between rows: torch's order of the products and sums
+    across = (columns.index_select(1, cols - first_col).to(torch.float32) * (1 - col_weight)[:, None]
+              + columns.index_select(1, cols_next - first_col).to(torch.float32) * col_weight[:, None])
+    across = across.transpose(1, 2).contiguous()
+    return (across.index_select(1, rows - first_row) * (1 - row_weight)[:, None]
+            + across.index_select(1, rows_next - first_row) * row_weight[:, None])
 
 
 def _nearest_taps(start, length, inverse_factor, in_size):
@@ -128,20 +143,9 @@ def scale_crop_flip(image, raw_label, params, crop_size, label_lut, ignore_label
     if factor == 1.0:
         patch = image[:, h_off:h_off + valid_h, w_off:w_off + valid_w]
     else:
-        row_first, row_end, out_h, skip_h = _aligned_window(h_off, valid_h, factor, height)
-        col_first, col_end, out_w, skip_w = _aligned_window(w_off, valid_w, factor, width)
-        region = image[None, :, row_first:row_end, col_first:col_end]
-        # torch treats an axis whose input and output sizes match as a copy, whatever the scale: ask
-        # for one more (discarded) output there.
-        out_h += out_h == row_end - row_first
-        out_w += out_w == col_end - col_first
-        # The scale is passed explicitly so that the taps are those of the whole image (OpenCV's fx).
-        # Float rather than torch's uint8 kernel: its fixed-point rounding is off by one from OpenCV
-        # about three times as often.
-        patch = torch.ops.aten.upsample_bilinear2d(region.to(torch.float32), [out_h, out_w], False, factor, factor)
-        patch = patch[0, :, skip_h:skip_h + valid_h, skip_w:skip_w + valid_w]
-        # OpenCV resizes uint8 to uint8 (rounding half up): the original sees whole numbers.
-        patch = patch.add(0.5).floor_()
+        # Float rather than torch's uint8 kernel: its fixed-point rounding is off by one from OpenCV about
+        # three times as often. OpenCV resizes uint8 to uint8 (rounding half up): the original sees whole numbers.
+        patch = _resample_bilinear(image, h_off, valid_h, w_off, valid_w, factor).add_(0.5).floor_()
     if flip:
         patch = patch.flip(-1)
     out_image = torch.zeros(3, crop_h, crop_w, dtype=torch.float32)

@@ -34,9 +34,11 @@ DISTILLATION = [script for script in training_scripts().values() if script.disti
 def pair_for(index, script):
     """(teacher, student): a SegFormer teacher into a CNN student, or a CNN teacher into a SegFormer student,
     alternately; methods with a smallest crop (a discriminator) take the SegFormer teacher, whose 1/4 logits
-    need half the crop."""
+    need half the crop, and the cheapest student."""
+    if script.min_crop:
+        return SEGFORMER, CNN_STUDENTS[0]
     cnn = CNN_STUDENTS[index % len(CNN_STUDENTS)]
-    if script.min_crop or index % 2 == 0:
+    if index % 2 == 0:
         return SEGFORMER, cnn
     return CNN_TEACHER, SEGFORMER
 

@@ -536,3 +536,24 @@ def test_corrupt_png_is_named(tmp_path):
     bad.write_bytes(b'\x89PNG\r\n\x1a\nnonsense')
     with pytest.raises(DataError, match=f'image {bad} cannot be decoded'):
         imageio.read_image(str(bad))
+
+
+def test_samples_do_not_depend_on_the_number_of_threads():
+    """Data loader workers run with one thread, the main process with several: a sample must not change with
+    that (torch's bilinear kernel rounds some pixels differently by thread count)."""
+    generator = torch.Generator().manual_seed(1)
+    image = torch.randint(0, 256, (3, 97, 203), dtype=torch.uint8, generator=generator)
+    raw = torch.randint(0, 34, (97, 203), dtype=torch.uint8, generator=generator)
+    lut = CSTrainValSet._label_mapping(-1)
+    threads = torch.get_num_threads()
+    try:
+        for k in range(16):
+            params = SampleParams(0.5 + k / 10.0, 3, 5, k % 2 == 1)
+            samples = []
+            for count in (1, 2, 3):
+                torch.set_num_threads(count)
+                samples.append(scale_crop_flip(image, raw, params, (64, 96), lut))
+            for out_image, out_label in samples[1:]:
+                assert torch.equal(out_image, samples[0][0]) and torch.equal(out_label, samples[0][1]), params
+    finally:
+        torch.set_num_threads(threads)

@@ -4,8 +4,6 @@ each; and the pictures' text (whole class names, words set apart, titles never c
 measured in the font it is drawn in, without running the demo."""
 import os
 import re
-import subprocess
-import sys
 
 import numpy as np
 from PIL import Image
@@ -17,14 +15,24 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CITYS = DATASET_INFO['citys']
 
 
-def run_demo(out):
-    return subprocess.run([sys.executable, '-m', 'utils.demo', '--smoke', '--in-process', '--out', str(out)], cwd=REPO,
-                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=600)
+class Finished:
+    """What a demo run printed and its exit status."""
+
+    def __init__(self, returncode, stdout):
+        self.returncode, self.stdout = returncode, stdout
 
 
-def test_demo_smoke_runs_end_to_end_and_reuses_its_results(tmp_path):
+def run_demo(out, capsys):
+    """`python -m utils.demo --smoke --in-process` in this process."""
+    from utils import demo
+    from utils.errors import run_main
+    status = run_main(demo.main, ['--smoke', '--in-process', '--out', str(out)])
+    return Finished(status, capsys.readouterr().out)
+
+
+def test_demo_smoke_runs_end_to_end_and_reuses_its_results(tmp_path, capsys):
     out = tmp_path / 'demo'
-    first = run_demo(out)
+    first = run_demo(out, capsys)
     assert first.returncode == 0, first.stdout[-3000:]
     rows = {m.group(1): m for m in re.finditer(
         r'^\| (Teacher|Baseline|CWD|HWD) \| (\S+) \| ([0-9.]+) \| ([0-9.]+) \| ([+-][0-9.]+)? ?\|$',
@@ -49,7 +57,7 @@ def test_demo_smoke_runs_end_to_end_and_reuses_its_results(tmp_path):
 
     # A second run trains and evaluates nothing again: every checkpoint and evaluation is reused.
     mtimes = {p: p.stat().st_mtime for p in (out / 'ckpt').iterdir()}
-    second = run_demo(out)
+    second = run_demo(out, capsys)
     assert second.returncode == 0, second.stdout[-3000:]
     assert 'training' not in second.stdout and 'evaluating' not in second.stdout
     assert {p: p.stat().st_mtime for p in (out / 'ckpt').iterdir()} == mtimes

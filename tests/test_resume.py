@@ -61,6 +61,37 @@ def launcher(nproc):
     return torchrun(nproc) if nproc > 1 else [PYTHON]
 
 
+class Killed(BaseException):
+    """The end of a process, inside this one (not an Exception: nothing may handle it)."""
+
+
+def run_in_process(name, argv, kill_at=None):
+    """The script's main in this process, with one thread as the launched processes have (OMP_NUM_THREADS=1:
+    the CPU kernels round differently with another number of threads); with `kill_at`, stopped right after the
+    resume file of that iteration is on disk."""
+    import importlib
+
+    from utils import train_loop
+    original = train_loop.Trainer._save
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+
+    def _save(self, is_best, wait=False):
+        kill = self.state.iteration == kill_at
+        original(self, is_best, wait=wait or kill)
+        if kill:
+            raise Killed()
+
+    train_loop.Trainer._save = _save
+    try:
+        return importlib.import_module(f'train_{name}').main(argv)
+    except Killed:
+        return None
+    finally:
+        train_loop.Trainer._save = original
+        torch.set_num_threads(threads)
+
+
 def stem(name):
     return ('baseline_psp_mobile_mobile_citys' if name == 'baseline' else f'{name}_psp_mobile_mobile_citys')
 
@@ -97,15 +128,22 @@ def test_killed_and_resumed_equals_never_stopped(setup, tmp_path, name, nproc, e
     def args(folder, workers):
         return common(setup['data'], folder, **flags) + networks + extra + ['--workers', str(workers)]
 
-    train = script(f'train_{name}.py')
     whole, parts = tmp_path / 'whole', tmp_path / 'parts'
-    must_succeed(run(launcher(nproc) + [train] + args(whole, 0), tmp_path))
-    killed = run(launcher(nproc) + [setup['killer'], train] + args(parts, 2) + ['--resume', 'auto'], tmp_path,
-                 KILL_AT=str(KILL_AT))
-    assert killed.returncode != 0
-    assert load(parts / 'ckpt' / f'{stem(name)}_resume.pth')['iteration'] == KILL_AT
-    resumed = run(launcher(nproc) + [train] + args(parts, 0) + ['--resume', 'auto'], tmp_path)
-    must_succeed(resumed)
+    if nproc == 1:
+        # one process: the script's main in this process, killed by an exception right after the resume file of
+        # iteration KILL_AT is on disk (the pre-emption of a single process)
+        run_in_process(name, args(whole, 0))
+        run_in_process(name, args(parts, 2) + ['--resume', 'auto'], kill_at=KILL_AT)
+        assert load(parts / 'ckpt' / f'{stem(name)}_resume.pth')['iteration'] == KILL_AT
+        run_in_process(name, args(parts, 0) + ['--resume', 'auto'])
+    else:
+        train = script(f'train_{name}.py')
+        must_succeed(run(launcher(nproc) + [train] + args(whole, 0), tmp_path))
+        killed = run(launcher(nproc) + [setup['killer'], train] + args(parts, 2) + ['--resume', 'auto'], tmp_path,
+                     KILL_AT=str(KILL_AT))
+        assert killed.returncode != 0
+        assert load(parts / 'ckpt' / f'{stem(name)}_resume.pth')['iteration'] == KILL_AT
+        must_succeed(run(launcher(nproc) + [train] + args(parts, 0) + ['--resume', 'auto'], tmp_path))
     log = (parts / 'logs' / f'{stem(name)}_log.txt').read_text()
     assert f'iteration {KILL_AT}/12' in log and 'not repeat the uninterrupted one' not in log
     after = [int(m.group(1)) for m in log_lines(parts / 'logs' / f'{stem(name)}_log.txt')]
@@ -123,8 +161,7 @@ def test_grad_accum_on_one_process_follows_two_processes(setup, tmp_path):
     statistics differ by design: each micro-batch updates them on one process, rank 0's are kept on two."""
     base = common(setup['data'], tmp_path, batch=4, iters=3, skip_val=True) + BASELINE
     one, two = tmp_path / 'one', tmp_path / 'two'
-    must_succeed(run([PYTHON, script('train_baseline.py')] + base + ['--grad-accum', '2', '--save-dir', str(one)],
-                     tmp_path))
+    run_in_process('baseline', base + ['--grad-accum', '2', '--save-dir', str(one)])
     must_succeed(run(torchrun(2) + [script('train_baseline.py')] + base + ['--save-dir', str(two)], tmp_path))
     a = load(one / f'{stem("baseline")}.pth')
     b = load(two / f'{stem("baseline")}.pth')
@@ -134,13 +171,13 @@ def test_grad_accum_on_one_process_follows_two_processes(setup, tmp_path):
     for key in a:
         if key.endswith(('running_mean', 'running_var', 'num_batches_tracked')):
             continue
-        torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-5, msg=key)
+        torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-5, msg=lambda m, key=key: f"{key}: {m}")
         moved += 1
     assert moved > 100 and start['iteration'] == 3
     # accumulation is not a smaller batch: with --grad-accum 1 on one process (batch 4 at once) BatchNorm sees
     # 4 images per forward, and the weights differ
     whole = tmp_path / 'whole'
-    must_succeed(run([PYTHON, script('train_baseline.py')] + base + ['--save-dir', str(whole)], tmp_path))
+    run_in_process('baseline', base + ['--save-dir', str(whole)])
     c = load(whole / f'{stem("baseline")}.pth')
     assert not all(torch.allclose(a[k], c[k], rtol=1e-4, atol=1e-5) for k in a if a[k].is_floating_point())
 
