@@ -132,3 +132,38 @@ def test_every_family_trains(setup, tmp_path, model, backbone, extra):
     back = get_segmentation_model(model, backbone, 19, backbone.startswith('resnet'),
                                   pretrained=str(tmp_path / 'ckpt' / f'{stem}.pth'))
     assert back.spec() == student.spec()
+
+
+def test_every_loss_brings_the_student_to_the_teachers_size():
+    """A student map at 1/4 (SegFormer) against a teacher's at 1/8: each loss equals the loss of the student's map
+    resized by hand (bilinear, align_corners=False: at 2x, the mean of each 2x2 block); the teacher's map is never
+    changed; a student at 1/8 against a teacher at 1/4 is upsampled the same way."""
+    import torch.nn.functional as F
+
+    from losses import (
+        CriterionCWD,
+        CriterionDIST,
+        CriterionHWD,
+        CriterionIFV,
+        CriterionKD,
+        CriterionMGD,
+        CriterionMiniBatchCrossImagePair,
+        CriterionPairWise,
+    )
+    generator = torch.Generator().manual_seed(0)
+    labels = torch.randint(-1, 5, (2, 64, 64), generator=generator)
+    for s_size, t_size in ((16, 8), (8, 16)):
+        student = torch.randn(2, 5, s_size, s_size, generator=generator, dtype=torch.float64)
+        teacher = torch.randn(2, 5, t_size, t_size, generator=generator, dtype=torch.float64)
+        by_hand = F.interpolate(student, size=(t_size, t_size), mode='bilinear', align_corners=False)
+        if s_size == 2 * t_size:
+            assert torch.allclose(by_hand, F.avg_pool2d(student, 2))
+        mgd = CriterionMGD(5, 5).double()
+        mask = torch.ones(2, 1, t_size, t_size, dtype=torch.float64)
+        cases = [(CriterionCWD(), ()), (CriterionKD(), ()), (CriterionDIST(), ()), (CriterionPairWise(), ()),
+                 (CriterionHWD(activation=True, shift=1.0), (labels,)), (CriterionIFV(5), (labels,)),
+                 (CriterionMiniBatchCrossImagePair(), ()), (lambda s, t: mgd(s, t, mask=mask), ())]
+        for loss, extra in cases:
+            kept = teacher.clone()
+            assert torch.allclose(loss(student, teacher, *extra), loss(by_hand, teacher, *extra)), loss
+            assert torch.equal(teacher, kept)

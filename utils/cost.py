@@ -9,6 +9,7 @@ run's last log lines, and `utils.compare` shows them per row.
   size; the largest over the processes;
 - device-hours: processes x wall hours of training (validation excluded), summed over the parts of a resumed run.
 """
+import os
 import platform
 import resource
 import sys
@@ -35,9 +36,18 @@ def global_peak_memory_mb(device):
 
 
 def device_name(device):
+    """The GPU's name, or the CPU's model name (Linux's /proc/cpuinfo) with its number of cores."""
     if device.type == 'cuda':
         return torch.cuda.get_device_name(device)
-    return platform.processor() or platform.machine() or 'cpu'
+    name = platform.processor() or platform.machine() or 'cpu'
+    try:
+        with open('/proc/cpuinfo', encoding='utf-8') as handle:
+            models = [line.split(':', 1)[1].strip() for line in handle if line.startswith('model name')]
+        if models:
+            name = models[0]
+    except OSError:
+        pass
+    return f'{name} ({os.cpu_count()} cores)'
 
 
 def environment(device, world_size, amp):
