@@ -162,7 +162,7 @@ def test_every_loss_brings_the_student_to_the_teachers_size():
         mask = torch.ones(2, 1, t_size, t_size, dtype=torch.float64)
         cases = [(CriterionCWD(), ()), (CriterionKD(), ()), (CriterionDIST(), ()), (CriterionPairWise(), ()),
                  (CriterionHWD(activation=True, shift=1.0), (labels,)), (CriterionIFV(5), (labels,)),
-                 (CriterionMiniBatchCrossImagePair(), ()), (lambda s, t: mgd(s, t, mask=mask), ())]
+                 (CriterionMiniBatchCrossImagePair(), ()), (lambda s, t, mgd=mgd, mask=mask: mgd(s, t, mask=mask), ())]
         for loss, extra in cases:
             kept = teacher.clone()
             assert torch.allclose(loss(student, teacher, *extra), loss(by_hand, teacher, *extra)), loss
