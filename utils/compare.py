@@ -28,15 +28,15 @@ validation, the final mIoU (last validation) and the best mIoU (best validation)
 sample standard deviation (n - 1; '-' for one seed), and the gain: the mean final mIoU of the row minus that of the
 --baseline method (default 'baseline'), ± its standard error sqrt(s_m^2 / n_m + s_b^2 / n_b) from the two rows'
 standard deviations and run counts. A gain within about two standard errors of zero is not told apart from seed
-noise. Then the cost of the row, means over its runs: seconds per training iteration (validation excluded), device-
-hours (processes x training hours up to the last validation) and peak memory in MB (the largest process's; CUDA
-allocated on GPUs, resident on the CPU), from the records training writes ('-' for runs written before it recorded
-them): a gain is comparable only with its cost. A seed marked `*` belongs to an unfinished run: its last validation
-comes before that of the other runs of its group with the same --max-iterations, or before the last validation its
-flags ask for; it still counts in the means. A second table gives the same gain per class (mean final IoU of the row
-minus the baseline's, classes in the order of the data set). Without a baseline in a group the tables show the means
-only, and say so. The PNG (--plot, default ./compare_miou.png) has one panel per table: the validation mIoU of every
-run against the iteration, one colour per row.
+noise. Then the cost of the row, means over its runs: seconds per training iteration (validation excluded),
+device-hours (processes x training hours up to the last validation) and peak memory in MB (the largest process's;
+CUDA allocated on GPUs, resident on the CPU), from the records training writes ('-' for runs written before it
+recorded them): a gain is comparable only with its cost. A seed marked `*` belongs to an unfinished run: its last
+validation comes before that of the other runs of its group with the same --max-iterations, or before the last
+validation its flags ask for; it still counts in the means. A second table gives the same gain per class (mean final
+IoU of the row minus the baseline's, classes in the order of the data set). Without a baseline in a group the tables
+show the means only, and say so. The PNG (--plot, default ./compare_miou.png) has one panel per table: the
+validation mIoU of every run against the iteration, one colour per row.
 """
 import argparse
 import json
