@@ -47,6 +47,23 @@ def run(cmd, cwd, timeout=TIMEOUT, **env):
     return subprocess.run(cmd, cwd=cwd, env=clean_env(**env), capture_output=True, text=True, timeout=timeout)
 
 
+def run_ranks(cmd, cwd, nproc=2, timeout=TIMEOUT, **env):
+    """`cmd` as `nproc` processes with the environment torchrun gives its workers (RANK, WORLD_SIZE, LOCAL_RANK,
+    MASTER_ADDR, MASTER_PORT), started directly: the launcher itself is tested elsewhere, and its own import of
+    torch would cost seconds. Returns a CompletedProcess with the outputs of all ranks and the first non-zero
+    exit status (0 when every rank succeeded)."""
+    port = str(free_port())
+    procs = []
+    for rank in range(nproc):
+        rank_env = clean_env(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(nproc), LOCAL_WORLD_SIZE=str(nproc),
+                             MASTER_ADDR='127.0.0.1', MASTER_PORT=port, **env)
+        procs.append(subprocess.Popen(cmd, cwd=cwd, env=rank_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                      text=True))
+    outputs = [proc.communicate(timeout=timeout) for proc in procs]
+    status = next((proc.returncode for proc in procs if proc.returncode != 0), 0)
+    return subprocess.CompletedProcess(cmd, status, ''.join(o for o, _ in outputs), ''.join(e for _, e in outputs))
+
+
 def must_succeed(proc):
     assert proc.returncode == 0, (f'exit {proc.returncode}\nSTDOUT:\n{proc.stdout[-4000:]}\n'
                                   f'STDERR:\n{proc.stderr[-4000:]}')

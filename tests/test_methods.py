@@ -14,7 +14,7 @@ import textwrap
 
 import pytest
 import torch
-from launch import REPO, common, load, log_lines, must_succeed, run, script, torchrun
+from launch import PYTHON, REPO, common, load, log_lines, must_succeed, run_ranks, script
 
 pytestmark = pytest.mark.slow
 
@@ -65,7 +65,7 @@ def teacher(setup, kind='wide'):
 
 
 def run_two_processes(setup, tmp_path, name, args):
-    proc = run(torchrun(2) + [setup['dump'], script(f'train_{name}.py')] + args, tmp_path, DUMP_DIR=str(tmp_path))
+    proc = run_ranks([PYTHON, setup['dump'], script(f'train_{name}.py')] + args, tmp_path, DUMP_DIR=str(tmp_path))
     must_succeed(proc)
     ranks = [load(tmp_path / f'rank{r}.pth') for r in (0, 1)]
     # DDP keeps the students' parameters equal (each rank's BatchNorm statistics are its own on the CPU until

@@ -17,7 +17,7 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from launch import PYTHON, REPO, assert_same_tensors, common, load, log_lines, must_succeed, run, script, torchrun
+from launch import PYTHON, REPO, assert_same_tensors, common, load, log_lines, must_succeed, run_ranks, script
 
 pytestmark = pytest.mark.slow
 
@@ -55,10 +55,6 @@ def setup(toy_root, tmp_path_factory):
         runpy.run_path(script, run_name='__main__')
     '''))
     return {'data': root, 'teacher': str(teacher), 'killer': str(killer)}
-
-
-def launcher(nproc):
-    return torchrun(nproc) if nproc > 1 else [PYTHON]
 
 
 class Killed(BaseException):
@@ -138,12 +134,12 @@ def test_killed_and_resumed_equals_never_stopped(setup, tmp_path, name, nproc, e
         run_in_process(name, args(parts, 0) + ['--resume', 'auto'])
     else:
         train = script(f'train_{name}.py')
-        must_succeed(run(launcher(nproc) + [train] + args(whole, 0), tmp_path))
-        killed = run(launcher(nproc) + [setup['killer'], train] + args(parts, 2) + ['--resume', 'auto'], tmp_path,
-                     KILL_AT=str(KILL_AT))
+        must_succeed(run_ranks([PYTHON, train] + args(whole, 0), tmp_path, nproc))
+        killed = run_ranks([PYTHON, setup['killer'], train] + args(parts, 2) + ['--resume', 'auto'], tmp_path, nproc,
+                           KILL_AT=str(KILL_AT))
         assert killed.returncode != 0
         assert load(parts / 'ckpt' / f'{stem(name)}_resume.pth')['iteration'] == KILL_AT
-        must_succeed(run(launcher(nproc) + [train] + args(parts, 0) + ['--resume', 'auto'], tmp_path))
+        must_succeed(run_ranks([PYTHON, train] + args(parts, 0) + ['--resume', 'auto'], tmp_path, nproc))
     log = (parts / 'logs' / f'{stem(name)}_log.txt').read_text()
     assert f'iteration {KILL_AT}/12' in log and 'not repeat the uninterrupted one' not in log
     after = [int(m.group(1)) for m in log_lines(parts / 'logs' / f'{stem(name)}_log.txt')]
@@ -162,7 +158,7 @@ def test_grad_accum_on_one_process_follows_two_processes(setup, tmp_path):
     base = common(setup['data'], tmp_path, batch=4, iters=3, skip_val=True) + BASELINE
     one, two = tmp_path / 'one', tmp_path / 'two'
     run_in_process('baseline', base + ['--grad-accum', '2', '--save-dir', str(one)])
-    must_succeed(run(torchrun(2) + [script('train_baseline.py')] + base + ['--save-dir', str(two)], tmp_path))
+    must_succeed(run_ranks([PYTHON, script('train_baseline.py')] + base + ['--save-dir', str(two)], tmp_path))
     a = load(one / f'{stem("baseline")}.pth')
     b = load(two / f'{stem("baseline")}.pth')
     start = load(two / f'{stem("baseline")}_resume.pth')
