@@ -55,12 +55,14 @@ from dataclasses import dataclass, field
 
 import torch
 
+from bench.table import method_list
 from dataset import dataset_info
 from dataset.toy import make_toy_dataset
 from models.model_zoo import describe_network, get_segmentation_model, has_aux_head
 from utils.checkpointing import checkpoint_paths, checkpoint_stem
 from utils.cost import device_name, peak_memory_mb
 from utils.errors import StopCommand, run_main
+from utils.options import positive_int
 from utils.results import FLAGS_SUFFIX, HISTORY_SUFFIX, read_history
 from utils.scripts import TrainingScript, training_scripts
 from utils.train_step import NonFiniteLossError
@@ -167,38 +169,17 @@ class Report:
 
 # ---------------------------------------------------------------- flags
 
-def _scripts_flag(known):
-    def parse(text):
-        names = [name.strip() for name in text.split(',') if name.strip()]
-        unknown = [name for name in names if name not in known]
-        if unknown or not names:
-            raise argparse.ArgumentTypeError(f'{text!r}: unknown {", ".join(unknown) or "(empty list)"}; known: '
-                                             f'{", ".join(known)}')
-        return names
-    return parse
-
-
-def _positive(text):
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f'{text!r} is not an integer') from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f'{value} must be a positive integer')
-    return value
-
-
 def parse_args(argv=None, cuda_available=None):
     known = tuple(training_scripts())
     parser = argparse.ArgumentParser(prog='python -m bench.gpu_check', description=__doc__.split('\n')[0])
     parser.add_argument('--smoke', action='store_true',
                         help='the CPU smoke run at tiny shapes (64 x 128 images, small networks, 2 iterations)')
-    parser.add_argument('--scripts', type=_scripts_flag(known), default=list(known), metavar='A,B',
+    parser.add_argument('--scripts', type=method_list(known), default=list(known), metavar='A,B',
                         help=f'comma-separated subset of the methods (default: all: {",".join(known)})')
-    parser.add_argument('--iters', type=_positive, default=None, metavar='N',
+    parser.add_argument('--iters', type=positive_int, default=None, metavar='N',
                         help=f'iterations per run, a multiple of --warmup (default: {GPU_SHAPES.iters}; '
                              f'--smoke: {SMOKE_SHAPES.iters})')
-    parser.add_argument('--warmup', type=_positive, default=None, metavar='W',
+    parser.add_argument('--warmup', type=positive_int, default=None, metavar='W',
                         help='iterations of each timing window; the first window is the warm-up and is dropped '
                              f'(default: {GPU_SHAPES.warmup}; --smoke: {SMOKE_SHAPES.warmup})')
     parser.add_argument('--out', default=None, metavar='DIR',

@@ -45,9 +45,10 @@ MODEL_BACKBONES = {
     'upernet': RESNETS,
     'upernet_lite': RESNETS,
     'deeplabv3_mobile': ('mobile', 'mobilenetv2'),
-    'deeplab_mobile': ('mobilenetv2', 'mobile') + MOBILEVITS,
-    'psp_mobile': ('mobile', 'mobilenetv2') + MOBILEVITS + MOBILENETV3S,
     'deeplabv3_mobilenet_ssseg': MOBILENETV3S + ('mobilenetv2_ssseg',),
+    # CIRKDv2 builds it on MobileNetV2 and MobileViT; on MobileNetV3 it is deeplabv3_mobilenet_ssseg's network
+    'deeplab_mobile': ('mobilenetv2', 'mobile') + MOBILEVITS + MOBILENETV3S,
+    'psp_mobile': ('mobile', 'mobilenetv2') + MOBILEVITS + MOBILENETV3S,
     'segformer': MIT_VARIANTS,
 }
 
