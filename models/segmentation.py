@@ -164,9 +164,6 @@ class SegmentationNetwork(SegmentationModel):
         aux = self.auxlayer(stages[self.aux_stage]) if self.has_aux else None
         return SegmentationOutput(logits, features, aux, list(stages) if return_stages else None)
 
-    def head_parameter_names(self):
-        return [name for name, _ in self.named_parameters() if not name.startswith('pretrained.')]
-
     def imagenet_target(self):
         root = self.pretrained.checkpoint_root
         return root, [key for key in root.state_dict() if not key.endswith('num_batches_tracked')]

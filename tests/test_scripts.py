@@ -3,9 +3,7 @@ places that use the list (utils.compare's row order, the demo's runs)."""
 import glob
 import os
 
-import pytest
-
-from utils.scripts import REPO, read_script, script_for, training_scripts
+from utils.scripts import REPO, read_script, training_scripts
 
 
 def test_every_training_script_is_listed_with_its_constants():
@@ -31,8 +29,6 @@ def test_a_new_script_is_found_without_naming_it_anywhere(tmp_path):
     scripts = training_scripts(str(tmp_path))
     assert list(scripts) == ['new'] and scripts['new'].year == 2030 and scripts['new'].distillation
     assert read_script(str(tmp_path / 'train_helper.py')) is None
-    with pytest.raises(KeyError, match='known: new'):
-        script_for('old', str(tmp_path))
 
 
 def test_compare_and_demo_take_the_list():

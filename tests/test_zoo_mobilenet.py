@@ -21,7 +21,7 @@ pytestmark = pytest.mark.usefixtures('one_thread')
 
 NUM_CLASS = 19
 BACKBONE_CHANNELS = {'mobilenetv3_small': 576, 'mobilenetv3_large': 960, 'mobilenetv2_ssseg': 320}
-# ZOO.md section 5, 19 classes.
+# The parameter counts of CIRKDv2's networks (winycg/CIRKD), 19 classes.
 PARAMETER_COUNTS = {
     ('deeplabv3_mobilenet_ssseg', 'mobilenetv3_small'): 3_298_739,
     ('deeplabv3_mobilenet_ssseg', 'mobilenetv3_large'): 6_769_091,
@@ -42,7 +42,7 @@ def _conv_bn_relu_shapes(prefix, out_ch, in_ch, kernel):
 
 
 def head_shapes(model, in_ch, num_class, width=128):
-    """CIRKD's mobile heads (ZOO.md section 5): keys and shapes in order."""
+    """CIRKD's mobile heads (its models/deeplabv3_mobilenetv3.py and psp_mobile.py): keys and shapes in order."""
     if model == 'psp_mobile':
         shapes = []
         for i in range(1, 5):

@@ -18,7 +18,8 @@ from utils.errors import UserError
 
 pytestmark = pytest.mark.usefixtures('one_thread')
 
-# ZOO: embed dims, depths, decoder width and parameter count with 19 classes.
+# CIRKDv2's SegFormers (winycg/CIRKD models/segformer.py): embed dims, depths, decoder width and parameter count
+# with 19 classes.
 VARIANTS = {
     'MiT_B0': ((32, 64, 160, 256), (2, 2, 2, 2), 256, 3_719_283),
     'MiT_B1': ((64, 128, 320, 512), (2, 2, 2, 2), 256, 13_682_387),

@@ -51,6 +51,8 @@ def _logits(model, image, tile_width=None):
                   for start in range(0, image.shape[-1], tile_width)]
         return torch.cat(strips, dim=-1)
     out = model(image)
+    # the logits: the first field of a SegmentationOutput, and of the lists that networks written against the
+    # original return
     return out[0] if isinstance(out, (list, tuple)) else out
 
 

@@ -98,7 +98,7 @@ def add_data_args(parser):
                        help=f'data set name ({FOLDER!r}: your own data in --data, see the README)')
     group.add_argument('--data', type=str, default=None, metavar='DIR',
                        help="dataset root; overrides the data set's root in settings.py")
-    group.add_argument('--crop-size', type=crop_size, nargs='+', default=(512, 512), metavar='H,W',
+    group.add_argument('--crop-size', type=str, nargs='+', default=(512, 512), metavar='H,W',
                        help="training crop size: height,width, or CIRKD's two numbers 'H W' (default: 512,512)")
     group.add_argument('--workers', '-j', type=non_negative_int, default=8, metavar='N',
                        help='data loader processes per training process')
@@ -212,14 +212,16 @@ def build_parser(description, distillation):
 # ---------------------------------------------------------------- checks after parsing
 
 def _one_crop_size(parser, values):
-    """--crop-size as (h, w) from 'H,W', 'S' or CIRKD's two values 'H W' (nargs='+' gives a list of pairs)."""
-    if isinstance(values, tuple) and len(values) == 2 and all(isinstance(v, int) for v in values):
+    """--crop-size as (h, w) from 'H,W', 'S' or CIRKD's two numbers 'H W'."""
+    if isinstance(values, tuple):
         return values  # the default
-    if len(values) == 1:
-        return values[0]
-    if len(values) == 2 and all(h == w for h, w in values):
-        return values[0][0], values[1][0]
-    parser.error(f'--crop-size: give HEIGHT,WIDTH or HEIGHT WIDTH, got {len(values)} values')
+    text = values[0] if len(values) == 1 else ','.join(values)
+    if len(values) > 2 or (len(values) == 2 and not all(v.strip().isdigit() for v in values)):
+        parser.error(f'--crop-size {" ".join(values)}: give HEIGHT,WIDTH or HEIGHT WIDTH (two positive integers)')
+    try:
+        return crop_size(text)
+    except argparse.ArgumentTypeError as error:
+        parser.error(f'--crop-size: {error}')
 
 
 def is_distillation(args):

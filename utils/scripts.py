@@ -85,11 +85,3 @@ def training_scripts(repo=REPO):
 def method_order(repo=REPO):
     """The methods in the order of `training_scripts`."""
     return tuple(training_scripts(repo))
-
-
-def script_for(method, repo=REPO):
-    """The TrainingScript of `method`; KeyError naming the known methods otherwise."""
-    scripts = training_scripts(repo)
-    if method not in scripts:
-        raise KeyError(f'no training script declares METHOD = {method!r}; known: {", ".join(scripts)}')
-    return scripts[method]

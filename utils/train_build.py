@@ -15,7 +15,7 @@ import torch
 import torch.nn as nn
 
 from losses import SegCrossEntropyLoss
-from models.model_zoo import build_network, describe_network, read_network_file
+from models.model_zoo import build_network, describe_network, has_aux_head, read_network_file
 from models.segmentation import NetworkSpec
 from utils.errors import UserError
 from utils.method import DistillationMethod, frozen
@@ -90,7 +90,7 @@ def build_run(args, ctx, num_class, build_method):
     norm_layer = student_norm_layer(ctx)
     check_micro_batch(args, ctx, norm_layer)
     model, backbone, pretrained_base, pretrained = student_names(args)
-    aux = backbone.startswith('resnet')
+    aux = has_aux_head(model, backbone)  # the student trains its aux head where it has one, as the original
     student = build_network(model, backbone, num_class, aux, norm_layer, pretrained=pretrained,
                             pretrained_base=pretrained_base, head_width=getattr(args, 'head_width', None))
     student = student.to(device)
