@@ -22,11 +22,11 @@ the defaults, 3.4 GB for ADE20K).
 """
 import sys
 
-from dataset import dataset_info
 from losses import CriterionKD, CriterionMiniBatchCrossImagePair, StudentSegContrast
+from utils.cirkd_memory import PIXEL_UPDATE_FREQ, add_memory_args, check_memory_args
 from utils.errors import run_main
 from utils.method import DistillationMethod
-from utils.options import build_parser, non_negative_float, positive_float, positive_int, validate_args
+from utils.options import build_parser, validate_args
 from utils.train_loop import run_training
 
 METHOD = 'cirkd'
@@ -34,7 +34,6 @@ YEAR = 2022
 # Memories small enough for a short run on a few tiny images (19 classes x 64 pixels, 8 regions).
 QUICK_FLAGS = ['--pixel-memory-size', '64', '--region-memory-size', '8', '--pixel-contrast-size', '190',
                '--region-contrast-size', '38']
-PIXEL_UPDATE_FREQ = 16  # teacher pixel vectors enqueued per class and image, at most (the original's)
 
 
 class CIRKDDistillation(DistillationMethod):
@@ -83,40 +82,8 @@ class CIRKDDistillation(DistillationMethod):
 def parse_args(argv=None):
     parser = build_parser('Cross-image relational knowledge distillation for semantic segmentation',
                           distillation=True)
-    group = parser.add_argument_group('CIRKD')
-    group.add_argument('--pixel-memory-size', type=positive_int, default=20000,
-                       help=f'teacher pixel embeddings kept per class (at least {PIXEL_UPDATE_FREQ})')
-    group.add_argument('--pixel-contrast-size', type=positive_int, default=4096,
-                       help='pixel embeddings drawn from the memory per iteration, over all classes')
-    group.add_argument('--region-memory-size', type=positive_int, default=2000,
-                       help='teacher region embeddings kept per class')
-    group.add_argument('--region-contrast-size', type=positive_int, default=1024,
-                       help='region embeddings drawn from the memory per iteration, over all classes')
-    group.add_argument('--kd-temperature', type=positive_float, default=1.0, help='temperature of KD')
-    group.add_argument('--contrast-kd-temperature', type=positive_float, default=1.0,
-                       help='temperature of the memory terms\' KL')
-    group.add_argument('--contrast-temperature', type=positive_float, default=0.1,
-                       help='temperature of the similarities')
-    group.add_argument('--lambda-kd', type=non_negative_float, default=1.0, help='weight of KD')
-    group.add_argument('--lambda-minibatch-pixel', type=non_negative_float, default=1.0,
-                       help='weight of the mini-batch pixel-pair term')
-    group.add_argument('--lambda-memory-pixel', type=non_negative_float, default=0.1,
-                       help='weight of the memory pixel-to-pixel term')
-    group.add_argument('--lambda-memory-region', type=non_negative_float, default=0.1,
-                       help='weight of the memory pixel-to-region term')
-    args = validate_args(parser, parser.parse_args(argv))
-    if args.pixel_memory_size < PIXEL_UPDATE_FREQ:
-        parser.error(f'--pixel-memory-size {args.pixel_memory_size}: at least {PIXEL_UPDATE_FREQ} (the pixel '
-                     'embeddings one image enqueues per class)')
-    # the number of classes divides the contrast sizes among the classes
-    num_class = dataset_info(args.dataset, args.data).num_class
-    for kind in ('pixel', 'region'):
-        total, memory = getattr(args, f'{kind}_contrast_size'), getattr(args, f'{kind}_memory_size')
-        if total // num_class + 1 > memory:
-            parser.error(f'--{kind}-contrast-size {total} draws {total // num_class + 1} embeddings per class '
-                         f'({num_class} classes) from a memory of --{kind}-memory-size {memory}: lower it to at '
-                         f'most {memory * num_class - 1} or raise the memory size')
-    return args
+    add_memory_args(parser.add_argument_group('CIRKD'))
+    return check_memory_args(parser, validate_args(parser, parser.parse_args(argv)))
 
 
 def main(argv=None):

@@ -259,6 +259,18 @@ def describe_network(model, backbone, num_class, aux=False, head_width=None):
     return net.spec()
 
 
+@functools.lru_cache(maxsize=None)
+def output_sizes(model, backbone, crop):
+    """{'logits': (h, w), 'features': (h, w), 'stages': ((h, w), ...)}: the spatial sizes of the network's
+    outputs for an input of `crop` = (height, width), from a forward on the meta device (no memory, no compute).
+    What a method whose modules are sized by the maps' areas (CIRKDv2's channel queues) reads."""
+    with torch.device('meta'):
+        net = build_segmentation_model(model, backbone, 1, False).eval()
+        outputs = net(torch.empty(1, 3, *crop), return_stages=True)
+    return {'logits': tuple(outputs.logits.shape[2:]), 'features': tuple(outputs.features.shape[2:]),
+            'stages': tuple(tuple(stage.shape[2:]) for stage in outputs.stages)}
+
+
 def head_widths(model, backbone):
     """The head widths a file of this network may hold."""
     default = default_head_width(model, backbone)

@@ -25,6 +25,9 @@ checkpoints and exact resume. A method can own:
 - **buffers that change during training and are equal on every process by construction** (CIRKD's class
   memories): a submodule lists their names in a class attribute `local_buffers`; DDP does not broadcast
   them and the resume file holds them once.
+- **gradient clipping of its own modules** (Af-DCD clips its loss module's gradient): `clip_gradients(module,
+  max_norm)`; after the iteration's backward passes (the gradients averaged over the processes, unscaled under
+  `--amp`) and before the student's step, the loop clips that module's gradient to `max_norm` (L2 norm).
 - **random generators**: `add_generator(name, shared=False)` gives a CPU `torch.Generator` that the loop
   seeds before every micro-batch from `--seed`, the iteration and the micro-batch's place in the global
   batch (`shared=True`: the same seed on every process, for state that must stay equal everywhere).
@@ -75,6 +78,7 @@ class DistillationMethod(nn.Module):
         super().__init__()
         self._generators = {}
         self._own_optimizers = {}
+        self._clipped = []
 
     # ---------------------------------------------------------------- what a method declares
 
@@ -88,6 +92,13 @@ class DistillationMethod(nn.Module):
         """Train `module` (a submodule of this method) with `make(parameters, lr)`, stepped after the
         student's step on the loss `own_loss(name, ...)` returns."""
         self._own_optimizers[name] = OwnOptimizer(name, module, make, float(lr))
+
+    def clip_gradients(self, module, max_norm):
+        """Clip the gradient of `module` (a submodule trained with the student) to L2 norm `max_norm` before
+        every step of the student's optimizer."""
+        if not max_norm > 0:
+            raise ValueError(f'clip_gradients: max_norm must be positive, got {max_norm}')
+        self._clipped.append((module, float(max_norm)))
 
     def forward(self, s_outputs, t_outputs, labels):
         """{log name: weighted scalar} added to the student's loss; s_outputs / t_outputs are the networks'
@@ -107,6 +118,10 @@ class DistillationMethod(nn.Module):
     def own_optimizers(self):
         """{name: OwnOptimizer}."""
         return dict(self._own_optimizers)
+
+    def gradient_clipping(self):
+        """[(module, max_norm)] declared with `clip_gradients`."""
+        return list(self._clipped)
 
     def _own_names(self):
         """Fully qualified names of the parameters and buffers of the modules with optimizers of their own."""

@@ -4,9 +4,9 @@
   task loss (+0.4 x the aux head's), the method's terms, the student's outputs;
 - `Stepper.step(micro_batches, iteration)`: the poly learning rate, the micro-batches of the iteration (each
   seeded from `--seed`, the iteration and its place in the global batch), one backward each with the
-  gradients all-reduced once, the optimizer step (with the fp16 loss scaler under `--amp`), then the method's
-  own optimizers on the iteration's detached outputs. It returns the loss terms (still on the device) and is
-  what `bench/bench_train.py` times against the whole loop;
+  gradients all-reduced once, the method's gradient clipping, the optimizer step (with the fp16 loss scaler
+  under `--amp`), then the method's own optimizers on the iteration's detached outputs. It returns the loss
+  terms (still on the device) and is what `bench/bench_train.py` times against the whole loop;
 - `LossMeter`: the terms summed on the device between log / validation points, with the first non-finite
   iteration remembered, so the loop never waits for the GPU in between.
 """
@@ -129,6 +129,7 @@ class Stepper:
                 totals[name] = totals[name] + value if name in totals else value
             if self.own_optimizers:
                 kept.append((s_outputs.detach(), t_outputs, labels))
+        self._clip_gradients()
         if self.scaler is not None:
             self.scaler.step(self.optimizer)
             self.scaler.update()
@@ -137,6 +138,16 @@ class Stepper:
         for name, own in self.own_optimizers.items():
             totals.update(self._own_step(name, own, kept, iteration))
         return totals
+
+    def _clip_gradients(self):
+        """The method's gradient clipping, on the averaged and (under --amp) unscaled gradients."""
+        clipping = self.method.gradient_clipping() if self.method is not None else ()
+        if not clipping:
+            return
+        if self.scaler is not None:
+            self.scaler.unscale_(self.optimizer)  # the step then skips a second unscale
+        for module, max_norm in clipping:
+            torch.nn.utils.clip_grad_norm_(module.parameters(), max_norm)
 
     def _own_step(self, name, own, kept, iteration):
         """One step of a method's own optimizer on the detached outputs of the iteration's micro-batches."""

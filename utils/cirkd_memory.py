@@ -1,0 +1,51 @@
+"""What CIRKD and CIRKDv2 share: the flags, the checks and the construction of the class memories of teacher
+embeddings (the memory pixel-to-pixel and pixel-to-region terms), and the mini-batch pixel-pair term.
+
+The memory sizes are per class; the contrast sizes are totals, divided among the classes as the originals do
+(flag // classes + 1). Every process holds the same memories (the teacher embeddings of the whole global batch
+are enqueued, with draws from a generator seeded alike on every process).
+"""
+from dataset import dataset_info
+from utils.options import non_negative_float, positive_float, positive_int
+
+PIXEL_UPDATE_FREQ = 16  # teacher pixel vectors enqueued per class and image, at most (the originals')
+
+
+def add_memory_args(group):
+    """The memory sizes, the temperatures and the weights of the mini-batch and memory pixel terms."""
+    group.add_argument('--pixel-memory-size', type=positive_int, default=20000,
+                       help=f'teacher pixel embeddings kept per class (at least {PIXEL_UPDATE_FREQ})')
+    group.add_argument('--pixel-contrast-size', type=positive_int, default=4096,
+                       help='pixel embeddings drawn from the memory per iteration, over all classes')
+    group.add_argument('--region-memory-size', type=positive_int, default=2000,
+                       help='teacher region embeddings kept per class')
+    group.add_argument('--region-contrast-size', type=positive_int, default=1024,
+                       help='region embeddings drawn from the memory per iteration, over all classes')
+    group.add_argument('--kd-temperature', type=positive_float, default=1.0, help='temperature of KD')
+    group.add_argument('--contrast-kd-temperature', type=positive_float, default=1.0,
+                       help='temperature of the memory terms\' KL')
+    group.add_argument('--contrast-temperature', type=positive_float, default=0.1,
+                       help='temperature of the similarities')
+    group.add_argument('--lambda-kd', type=non_negative_float, default=1.0, help='weight of KD')
+    group.add_argument('--lambda-minibatch-pixel', type=non_negative_float, default=1.0,
+                       help='weight of the mini-batch pixel-pair term')
+    group.add_argument('--lambda-memory-pixel', type=non_negative_float, default=0.1,
+                       help='weight of the memory pixel-to-pixel term')
+    group.add_argument('--lambda-memory-region', type=non_negative_float, default=0.1,
+                       help='weight of the memory pixel-to-region term')
+
+
+def check_memory_args(parser, args):
+    """Refusals at argument time: memories too small for one image's enqueue or for the contrast draws."""
+    if args.pixel_memory_size < PIXEL_UPDATE_FREQ:
+        parser.error(f'--pixel-memory-size {args.pixel_memory_size}: at least {PIXEL_UPDATE_FREQ} (the pixel '
+                     'embeddings one image enqueues per class)')
+    # the number of classes divides the contrast sizes among the classes
+    num_class = dataset_info(args.dataset, args.data).num_class
+    for kind in ('pixel', 'region'):
+        total, memory = getattr(args, f'{kind}_contrast_size'), getattr(args, f'{kind}_memory_size')
+        if total // num_class + 1 > memory:
+            parser.error(f'--{kind}-contrast-size {total} draws {total // num_class + 1} embeddings per class '
+                         f'({num_class} classes) from a memory of --{kind}-memory-size {memory}: lower it to at '
+                         f'most {memory * num_class - 1} or raise the memory size')
+    return args
