@@ -34,7 +34,8 @@ from utils.train_loop import run_training
 
 METHOD = 'afdcd'
 YEAR = 2023
-MIN_CROP = 128  # one 4 x 4 patch of the 4 x 4-pooled last stage at output stride 8
+MIN_CROP = 128  # one 4 x 4 patch of the 4 x 4-pooled last stage at stride 8
+MIN_CROP_MAP = 'last_stage'
 CHANNEL_GROUPS = 16  # the original's M_ocd
 POOL = 4  # the original's pool_size
 PATCH = (4, 4)  # the original's patch_size

@@ -72,8 +72,6 @@ DATASET = 'citys'
 PAPER_ITERATIONS = 40000
 # Methods that also run without --amp on the GPU: the reference row and the paper's method.
 FP32_TOO = ('baseline', 'hwd')
-# The stride the scripts' MIN_CROP assumes (SKD / IFVD: 64 x 64 logits at output stride 8).
-MIN_CROP_STRIDE = 8
 
 
 @dataclass(frozen=True)
@@ -205,8 +203,7 @@ def parse_args(argv=None, cuda_available=None):
 
 def crop_for(script, shapes):
     """The crop side of a script: the mode's, or the script's MIN_CROP scaled to the teacher's stride."""
-    stride = describe_network(*shapes.teacher, 1).output_stride
-    return max(shapes.crop, math.ceil(script.min_crop * stride / MIN_CROP_STRIDE))
+    return max(shapes.crop, script.smallest_crop(describe_network(*shapes.teacher, 1)))
 
 
 def network_flags(script, shapes, teacher_file):

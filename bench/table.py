@@ -25,9 +25,6 @@ from utils.errors import UserError
 from utils.seeding import derive_seed
 from utils.train_build import build_run
 
-# The discriminator of SKD / IFVD is sized for a stride-8 teacher: MIN_CROP scales with the teacher's stride.
-REFERENCE_STRIDE = 8
-
 
 def interleaved_medians(candidates, time_once, repeats, seed=0, inner=1):
     """{name: median seconds} of `time_once(candidate)` over `repeats` rounds after one warm-up round, the
@@ -111,17 +108,10 @@ def method_list(choices):
     return parse
 
 
-def output_stride(network):
-    """The output stride a (model, backbone) states."""
-    return describe_network(*network, 1).output_stride
-
-
 def smallest_crop(script, teacher):
-    """The smallest crop side `script` (a utils.scripts.TrainingScript) accepts with this teacher: its MIN_CROP
-    is stated for a stride-8 teacher and scales with the teacher's stride (0: no bound)."""
-    if not script.min_crop:
-        return 0
-    return script.min_crop * output_stride(teacher) // REFERENCE_STRIDE
+    """The smallest crop side `script` (a utils.scripts.TrainingScript) accepts with this teacher (0: no
+    bound)."""
+    return script.smallest_crop(describe_network(*teacher, 1))
 
 
 def extra_flags(script, quick):

@@ -33,10 +33,13 @@ DISTILLATION = [script for script in training_scripts().values() if script.disti
 
 def pair_for(index, script):
     """(teacher, student): a SegFormer teacher into a CNN student, or a CNN teacher into a SegFormer student,
-    alternately; methods with a smallest crop (a discriminator) take the SegFormer teacher, whose 1/4 logits
-    need half the crop, and the cheapest student."""
+    alternately; methods with a smallest crop take the teacher that needs the smaller one (a discriminator:
+    the SegFormer teacher, whose 1/4 logits need half the crop; Af-DCD: the CNN, whose last stage is at 1/8)."""
     if script.min_crop:
-        return SEGFORMER, CNN_STUDENTS[0]
+        # the teacher that needs the smaller crop, with the cheapest student of the other family
+        needs = {teacher: script.smallest_crop(describe_network(*teacher, 19)) for teacher in (SEGFORMER, CNN_TEACHER)}
+        teacher = min(needs, key=needs.get)
+        return (SEGFORMER, CNN_STUDENTS[0]) if teacher == SEGFORMER else (CNN_TEACHER, SEGFORMER)
     cnn = CNN_STUDENTS[index % len(CNN_STUDENTS)]
     if index % 2 == 0:
         return SEGFORMER, cnn
@@ -65,7 +68,7 @@ def test_every_method_distils_across_families(setup, tmp_path, index, script):
     teacher, student = pair_for(index, script)
     t_spec, s_spec = describe_network(*teacher, 19), describe_network(*student, 19)
     assert t_spec.output_stride != s_spec.output_stride  # another family, another stride
-    crop = max(64, script.min_crop * t_spec.output_stride // 8)
+    crop = max(64, script.smallest_crop(t_spec))
     argv = common(setup['data'], tmp_path, batch=2, iters=2, log_iter=1, val_per_iters=2) + [
         '--crop-size', f'{crop},{crop}',
         '--teacher-model', teacher[0], '--teacher-backbone', teacher[1],

@@ -8,7 +8,9 @@ module-level constants (read from its source without importing it):
 - `YEAR`: the year of the method's paper, which orders the rows of comparisons (0 for the baseline);
 - `RECOMMENDED_FLAGS`: flags beyond the defaults that the paper's command line uses (HWD's setting);
 - `QUICK_FLAGS`: flags that make a short run on tiny data possible (e.g. CIRKD's smaller memories);
-- `MIN_CROP`: the smallest crop side the method accepts with a stride-8 teacher (SKD / IFVD's discriminator).
+- `MIN_CROP`: the smallest crop side the method accepts with a stride-8 teacher (SKD / IFVD's discriminator);
+- `MIN_CROP_MAP`: the teacher's map that bound is about: 'logits' (default) or 'last_stage' (Af-DCD distils the
+  backbone's last stage, at 1/32 in SegFormer, 1/8 in the dilated CNNs).
 """
 import ast
 import os
@@ -16,6 +18,7 @@ from dataclasses import dataclass
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PREFIX = 'train_'
+MIN_CROP_STRIDE = 8  # the stride MIN_CROP is stated for
 
 
 @dataclass(frozen=True)
@@ -27,10 +30,19 @@ class TrainingScript:
     recommended_flags: tuple = ()
     quick_flags: tuple = ()
     min_crop: int = 0
+    min_crop_map: str = 'logits'
 
     @property
     def name(self):
         return os.path.basename(self.path)
+
+    def smallest_crop(self, teacher_spec):
+        """The smallest crop side the method accepts with a teacher of this NetworkSpec (0: no bound): MIN_CROP
+        scaled from stride 8 to the stride of the teacher's map it is about."""
+        if not self.min_crop:
+            return 0
+        stride = teacher_spec.stage_strides[-1] if self.min_crop_map == 'last_stage' else teacher_spec.output_stride
+        return -(-self.min_crop * stride // MIN_CROP_STRIDE)
 
 
 def _constants(tree):
@@ -67,7 +79,8 @@ def read_script(path):
                           distillation=_builds_teacher(tree),
                           recommended_flags=tuple(constants.get('RECOMMENDED_FLAGS', ())),
                           quick_flags=tuple(constants.get('QUICK_FLAGS', ())),
-                          min_crop=int(constants.get('MIN_CROP', 0)))
+                          min_crop=int(constants.get('MIN_CROP', 0)),
+                          min_crop_map=str(constants.get('MIN_CROP_MAP', 'logits')))
 
 
 def training_scripts(repo=REPO):
