@@ -6,7 +6,8 @@ for Semantic Segmentation", CVPR 2022, https://arxiv.org/abs/2204.06986. The val
 original zju-SWJ/HWD code (losses/loss.py and losses/memory_loss.py, taken from CIRKD); what differs:
 
 - mini-batch term: the result is in the inputs' precision (the original summed the pairs into a float32
-  tensor); no loop over the N^2 image pairs: all pairs are formed at once, a block of rows at a time;
+  tensor); no loop over the N^2 image pairs: all pairs are formed at once, a block of rows at a time, or,
+  when an image's block is small (CIRKDv2's channels), each unordered pair once (half the products);
   `pool_from_size` gives CIRKDv2's version (winycg/CIRKD losses/cirkd_mini_batch.py), which first averages
   4 x 4 blocks of maps at least 256 high and wide;
 - memory terms: the pixels enqueued for class k are drawn among the pixels of class k (the original drew
@@ -182,7 +183,7 @@ class _CrossImagePairKL(torch.autograd.Function):
     @staticmethod
     def forward(ctx, student, teacher, num_images, temperature):
         rows_per_image = student.shape[0] // num_images
-        if rows_per_image ** 2 * student.element_size() <= WORKSPACE_BYTES:
+        if 0 < rows_per_image ** 2 * student.element_size() <= WORKSPACE_BYTES:
             total, grad = pair_relation_kl(student, teacher, rows_per_image, 1.0 / temperature,
                                            ctx.needs_input_grad[0])
         else:
@@ -218,7 +219,7 @@ class CriterionMiniBatchCrossImagePair(nn.Module):
 
         loss = 1/N^2 sum_{i,j} 1/M sum_rows KL(softmax(T_ij / tau) || softmax(S_ij / tau))
 
-    (no tau^2 factor). Student and teacher channel counts may differ. Temporary memory is three blocks of
+    (no tau^2 factor). Student and teacher channel counts may differ. Temporary memory is a few blocks of
     about WORKSPACE_BYTES, whatever N and M (the N^2 similarity maps are never held at once).
 
     CIRKDv2 (winycg/CIRKD losses/cirkd_mini_batch.py) first averages 4 x 4 blocks of both maps (ceil mode: a

@@ -86,6 +86,22 @@ def test_channel_terms_match_original(case, monkeypatch):
         assert module.channel_queue_ptr.tolist() == [pointers[step]]
 
 
+def test_image_pairs_formed_once_or_by_row_blocks(monkeypatch):
+    # The relation over image pairs forms each unordered pair once when an image's block fits the workspace
+    # (bands of 1, 2, 3 or all images' columns), by row blocks otherwise: the same value and gradient as
+    # the pair loop. 4 images of 3 rows (channels) over 5 positions.
+    generator = torch.Generator().manual_seed(11)
+    student = torch.randn(4, 3, 5, generator=generator, dtype=torch.float64).requires_grad_()
+    teacher = torch.randn(4, 3, 5, generator=generator, dtype=torch.float64)
+    # the pair loop on 5 x 3 x 1 maps: the rows (channels) as pixels, normalised along the 5 positions
+    reference = original_minibatch_pair_loss_v2(student.transpose(1, 2).unsqueeze(-1),
+                                                teacher.transpose(1, 2).unsqueeze(-1), 0.5, torch.float64)
+    rows_S, rows_T = (F.normalize(x, dim=-1).flatten(0, 1) for x in (student, teacher))
+    for workspace in (3 * 3 * 8, 2 * 3 * 3 * 8, 3 * 3 * 3 * 8, 1 << 20, 3 * 3 * 8 - 1):
+        monkeypatch.setattr(cirkd, 'WORKSPACE_BYTES', workspace)
+        assert_same(cirkd.cross_image_relation_kl(rows_S, rows_T, 4, 0.5), reference, [student], 1e-10)
+
+
 def test_channel_terms_float32_and_the_original_accumulator():
     # float32 on the CPU: float32 results equal to the original's float32 computation to rounding; the
     # original's float32 accumulator on float64 inputs rounds the float64 mini-batch term
