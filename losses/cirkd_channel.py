@@ -169,10 +169,11 @@ class StudentSegChannelContrast(nn.Module):
         order = torch.randperm(rows.shape[0], generator=self.generator).to(rows.device)
         count = min(rows.shape[0], self.update_size)
         size = self.channel_memory_size
-        pointer = int(self.channel_queue_ptr)
+        pointer = self.channel_queue_ptr
         # the original's wrap rule: a write that would reach the end (`>=`, even exactly) goes to the last
-        # `count` slots and the pointer restarts at 0
-        start = size - count if pointer + count >= size else pointer
+        # `count` slots and the pointer restarts at 0 (computed on the device: no synchronisation)
+        wrap = pointer + count >= size
+        slots = torch.where(wrap, size - count, pointer) + torch.arange(count, device=pointer.device)
         values = F.normalize(rows[order[:count]], p=2, dim=1)
-        self.teacher_channel_queue[start:start + count] = values.to(self.teacher_channel_queue.dtype)
-        self.channel_queue_ptr.fill_(0 if pointer + count >= size else pointer + count)
+        self.teacher_channel_queue.index_copy_(0, slots, values.to(self.teacher_channel_queue.dtype))
+        pointer.copy_(torch.where(wrap, 0, pointer + count))
