@@ -11,11 +11,13 @@
 | pairwise.py | CriterionPairWise | train_skd.py |
 | ifv.py | CriterionIFV | train_ifvd.py |
 | adversarial.py | CriterionAdvForG, CriterionAdv | train_skd.py, train_ifvd.py |
-| cirkd.py | CriterionMiniBatchCrossImagePair, StudentSegContrast | train_cirkd.py |
+| cirkd.py | CriterionMiniBatchCrossImagePair, StudentSegContrast | train_cirkd.py, train_cirkdv2.py |
+| cirkd_channel.py | StudentSegChannelContrast | train_cirkdv2.py |
 """
 from .adversarial import CriterionAdv, CriterionAdvForG
 from .channel import LossSettingError
 from .cirkd import CriterionMiniBatchCrossImagePair, StudentSegContrast
+from .cirkd_channel import StudentSegChannelContrast
 from .cwd import CriterionCWD, FeatureAdapter
 from .dist import CriterionDIST
 from .hwd_loss import CriterionHWD
@@ -27,4 +29,5 @@ from .task import SegCrossEntropyLoss
 
 __all__ = ['SegCrossEntropyLoss', 'CriterionCWD', 'CriterionHWD', 'FeatureAdapter', 'LossSettingError',
            'CriterionKD', 'CriterionDIST', 'CriterionMGD', 'CriterionPairWise', 'CriterionIFV',
-           'CriterionAdvForG', 'CriterionAdv', 'CriterionMiniBatchCrossImagePair', 'StudentSegContrast']
+           'CriterionAdvForG', 'CriterionAdv', 'CriterionMiniBatchCrossImagePair', 'StudentSegContrast',
+           'StudentSegChannelContrast']

@@ -6,7 +6,10 @@ for Semantic Segmentation", CVPR 2022, https://arxiv.org/abs/2204.06986. The val
 original zju-SWJ/HWD code (losses/loss.py and losses/memory_loss.py, taken from CIRKD); what differs:
 
 - mini-batch term: the result is in the inputs' precision (the original summed the pairs into a float32
-  tensor); no loop over the N^2 image pairs: all pairs are formed at once, a block of rows at a time;
+  tensor); no loop over the N^2 image pairs: all pairs are formed at once, a block of rows at a time, or,
+  when an image's block is small (CIRKDv2's channels), each unordered pair once (half the products);
+  `pool_from_size` gives CIRKDv2's version (winycg/CIRKD losses/cirkd_mini_batch.py), which first averages
+  4 x 4 blocks of maps at least 256 high and wide;
 - memory terms: the pixels enqueued for class k are drawn among the pixels of class k (the original drew
   positions of the whole image); every random draw comes from one generator and the teacher keys are
   gathered over all processes, so every rank holds the same queues; a batch without a labelled pixel
@@ -63,6 +66,11 @@ def _integer_at_least(name, value, minimum, why=''):
     return value
 
 
+def _at_most(name, value, limit_name, limit, why=''):
+    if value > limit:
+        raise LossSettingError(f'{name} must be at most {limit_name} ({limit}){why}, got {value}')
+
+
 @torch.no_grad()
 def relation_kl(s_rows, t_rows, s_cols, t_cols, group, scale, need_grad, symmetric=False):
     """sum over rows i and column groups g of KL(softmax(z_T[i, g]) || softmax(z_S[i, g])), where
@@ -115,16 +123,73 @@ def relation_kl(s_rows, t_rows, s_cols, t_cols, group, scale, need_grad, symmetr
     return total, grad
 
 
+def _softmax_kl(z_s, z_t, dim, need_grad):
+    """(sum of KL(softmax(z_t) || softmax(z_s)) along `dim`, P_S - P_T or None); z_s and z_t are left as
+    they are. The KL as in relation_kl: sum_j p_t,j (t'_j - s'_j) + log Z_S - log Z_T."""
+    t = z_t - z_t.amax(dim, keepdim=True)
+    p_t = torch.exp(t)
+    sum_t = p_t.sum(dim, keepdim=True)
+    p_t.div_(sum_t)
+    s = z_s - z_s.amax(dim, keepdim=True)
+    total = torch.dot(p_t.reshape(-1), t.sub_(s).reshape(-1))
+    p_s = s.exp_()
+    sum_s = p_s.sum(dim, keepdim=True)
+    total += sum_s.log().sub_(sum_t.log_()).sum()
+    return total, (p_s.div_(sum_s).sub_(p_t) if need_grad else None)
+
+
+@torch.no_grad()
+def pair_relation_kl(s_rows, t_rows, group, scale, need_grad):
+    """relation_kl(s_rows, t_rows, s_rows, t_rows, group, scale, need_grad, symmetric=True) for groups
+    small enough that a group x group block fits the workspace (CIRKDv2's channels: 512 x 512): the same
+    (total, grad), with about half the matrix products.
+
+    The logits of the image pair (b, a) are those of (a, b) transposed (z_ba = z_ab^T, for the student and
+    the teacher), so each unordered pair is formed once: the rows of image a against the columns of every
+    image b > a give the KL of (a, b) with softmaxes along the columns and that of (b, a) along the rows,
+    and the gradient E = D_ab + D_ba^T (D = P_S - P_T) serves both images: E s_b for a, E^T s_a for b.
+    The pair (a, a) is a block of its own, with the gradient (D + D^T) s_a. A band of the rows of one image
+    against a few images' columns at a time."""
+    count = s_rows.shape[0] // group
+    total = torch.zeros((), dtype=s_rows.dtype, device=s_rows.device)
+    grad = torch.zeros_like(s_rows) if need_grad else None
+    per_band = max(1, WORKSPACE_BYTES // (group * group * s_rows.element_size()))
+    for a in range(count):
+        rows = slice(a * group, (a + 1) * group)
+        s_a, t_a = s_rows[rows], t_rows[rows]
+        z_s = torch.mm(s_a, s_a.t()).mul_(scale)
+        kl, diff = _softmax_kl(z_s, torch.mm(t_a, t_a.t()).mul_(scale), 1, need_grad)
+        total += kl
+        if need_grad:
+            grad[rows].addmm_(diff + diff.t(), s_a)
+        for first in range(a + 1, count, per_band):
+            cols = slice(first * group, min(count, first + per_band) * group)
+            z_s = torch.mm(s_a, s_rows[cols].t()).mul_(scale).view(group, -1, group)
+            z_t = torch.mm(t_a, t_rows[cols].t()).mul_(scale).view(group, -1, group)
+            kl_ab, diff_ab = _softmax_kl(z_s, z_t, 2, need_grad)  # rows of a, columns of each b
+            kl_ba, diff_ba = _softmax_kl(z_s, z_t, 0, need_grad)  # rows of each b, columns of a (transposed)
+            total += kl_ab + kl_ba
+            if need_grad:
+                both = diff_ab.add_(diff_ba).view(group, -1)
+                grad[rows].addmm_(both, s_rows[cols])
+                grad[cols].addmm_(both.t(), s_a)
+    return total, grad
+
+
 class _CrossImagePairKL(torch.autograd.Function):
     """sum over ordered image pairs (i, j) of batchmean KL over the M x M similarity maps, / N^2. Inputs:
-    L2-normalised rows (N*M x channels, image-major); the teacher is constant."""
+    L2-normalised rows (N*M x D, image-major: M rows per image); the teacher is constant."""
 
     @staticmethod
     def forward(ctx, student, teacher, num_images, temperature):
-        pixels = student.shape[0] // num_images
-        total, grad = relation_kl(student, teacher, student, teacher, pixels, 1.0 / temperature,
-                                  ctx.needs_input_grad[0], symmetric=True)
-        denominator = num_images * num_images * pixels
+        rows_per_image = student.shape[0] // num_images
+        if 0 < rows_per_image ** 2 * student.element_size() <= WORKSPACE_BYTES:
+            total, grad = pair_relation_kl(student, teacher, rows_per_image, 1.0 / temperature,
+                                           ctx.needs_input_grad[0])
+        else:
+            total, grad = relation_kl(student, teacher, student, teacher, rows_per_image, 1.0 / temperature,
+                                      ctx.needs_input_grad[0], symmetric=True)
+        denominator = num_images * num_images * rows_per_image
         if grad is not None:
             ctx.save_for_backward(grad.mul_(1.0 / (temperature * denominator)))
         return total / denominator
@@ -136,6 +201,15 @@ class _CrossImagePairKL(torch.autograd.Function):
         return grad * grad_output, None, None, None
 
 
+def cross_image_relation_kl(student_rows, teacher_rows, num_images, temperature):
+    """1/N^2 sum over ordered image pairs (i, j), i = j included, of
+    1/M sum_rows KL(softmax(t_i t_j^T / tau) || softmax(s_i s_j^T / tau)), where s_i (M x D) are image i's
+    rows of `student_rows` (N*M x D, image-major, L2-normalised) and t_i the teacher's; differentiable in
+    the student's rows, never in the teacher's. CIRKD pairs pixels (rows: pixel vectors over channels),
+    CIRKDv2 also channels (rows: channel vectors over pooled positions)."""
+    return _CrossImagePairKL.apply(student_rows, teacher_rows.detach(), num_images, temperature)
+
+
 class CriterionMiniBatchCrossImagePair(nn.Module):
     """Mini-batch cross-image pixel-to-pixel relation distillation of CIRKD.
 
@@ -145,19 +219,28 @@ class CriterionMiniBatchCrossImagePair(nn.Module):
 
         loss = 1/N^2 sum_{i,j} 1/M sum_rows KL(softmax(T_ij / tau) || softmax(S_ij / tau))
 
-    (no tau^2 factor). Student and teacher channel counts may differ. Temporary memory is three blocks of
+    (no tau^2 factor). Student and teacher channel counts may differ. Temporary memory is a few blocks of
     about WORKSPACE_BYTES, whatever N and M (the N^2 similarity maps are never held at once).
+
+    CIRKDv2 (winycg/CIRKD losses/cirkd_mini_batch.py) first averages 4 x 4 blocks of both maps (ceil mode: a
+    border block averages the positions it holds) when they are at least 256 high and wide, e.g. SegFormer's
+    /4 features of a 1024 x 1024 crop; `pool_from_size=256` does that.
 
     Args:
         temperature (float): tau, positive.
+        pool_from_size (int or None): maps at least this high and wide are 4 x 4 average-pooled first
+            (CIRKDv2: 256); None (CIRKD): never.
     """
 
-    def __init__(self, temperature=0.1):
+    def __init__(self, temperature=0.1, pool_from_size=None):
         super().__init__()
         self.temperature = _positive_number('temperature', temperature)
+        self.pool_from_size = None if pool_from_size is None else _integer_at_least('pool_from_size',
+                                                                                     pool_from_size, 1)
 
     def extra_repr(self):
-        return f'temperature={self.temperature}'
+        pooling = '' if self.pool_from_size is None else f', pool_from_size={self.pool_from_size}'
+        return f'temperature={self.temperature}{pooling}'
 
     def forward(self, feat_S, feat_T):
         feat_S = resize_like(feat_S, feat_T)  # another family's stride (losses/align.py)
@@ -165,12 +248,21 @@ class CriterionMiniBatchCrossImagePair(nn.Module):
                 or feat_S.shape[2:] != feat_T.shape[2:]:
             raise ValueError('student and teacher features must be N x C x h x w with the same N, h and w, '
                              f'got {tuple(feat_S.shape)} and {tuple(feat_T.shape)}')
-        n = feat_S.shape[0]
+        n, _, h, w = feat_S.shape
         dtype = loss_precision(feat_S)
         with autocast_disabled(feat_S.device.type):
-            student = _pixel_rows(F.normalize(feat_S.to(dtype), p=2, dim=1))
-            teacher = _pixel_rows(F.normalize(feat_T.detach().to(dtype), p=2, dim=1))
-            return _CrossImagePairKL.apply(student, teacher, n, self.temperature)
+            feat_S, feat_T = feat_S.to(dtype), feat_T.detach().to(dtype)
+            if self.pool_from_size is not None and min(h, w) >= self.pool_from_size:
+                feat_S, feat_T = average_pool_4x4(feat_S), average_pool_4x4(feat_T)
+            student = _pixel_rows(F.normalize(feat_S, p=2, dim=1))
+            teacher = _pixel_rows(F.normalize(feat_T, p=2, dim=1))
+            return cross_image_relation_kl(student, teacher, n, self.temperature)
+
+
+def average_pool_4x4(features):
+    """Means of 4 x 4 blocks (stride 4, ceil mode: a border block averages the positions it holds), as
+    CIRKDv2's nn.AvgPool2d(4, 4, ceil_mode=True)."""
+    return F.avg_pool2d(features, kernel_size=4, stride=4, padding=0, ceil_mode=True)
 
 
 def _pixel_rows(features):
@@ -198,7 +290,15 @@ class _QueueContrastKL(torch.autograd.Function):
         return grad * grad_output, None, None, None, None
 
 
-def _all_gather(tensor):
+def queue_relation_kl(student_rows, teacher_rows, negatives, temperature, kd_temperature):
+    """kd_T^2 / V sum over the V rows of KL(softmax(t X^T / (tau kd_T)) || softmax(s X^T / (tau kd_T))): the
+    rows of `student_rows` and `teacher_rows` (V x D, L2-normalised) against the memory's negatives X
+    (Q x D); differentiable in the student's rows only."""
+    return _QueueContrastKL.apply(student_rows, teacher_rows.detach(), negatives.detach(), temperature,
+                                  kd_temperature)
+
+
+def all_gather_rows(tensor):
     """The tensors of every process concatenated along dim 0 in rank order; the tensor itself in one
     process (or without a process group)."""
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
@@ -272,27 +372,17 @@ class StudentSegContrast(nn.Module):
         self.pixel_contrast_size = _integer_at_least('pixel_contrast_size', pixel_contrast_size, 1)
         self.region_contrast_size = _integer_at_least('region_contrast_size', region_contrast_size, 1)
         # randperm(size)[:P] would silently give fewer negatives than asked for
-        if self.pixel_contrast_size > self.pixel_memory_size:
-            raise LossSettingError(f'pixel_contrast_size must be at most pixel_memory_size '
-                                   f'({self.pixel_memory_size}), got {self.pixel_contrast_size}')
-        if self.region_contrast_size > self.region_memory_size:
-            raise LossSettingError(f'region_contrast_size must be at most region_memory_size '
-                                   f'({self.region_memory_size}), got {self.region_contrast_size}')
+        _at_most('pixel_contrast_size', self.pixel_contrast_size, 'pixel_memory_size', self.pixel_memory_size)
+        _at_most('region_contrast_size', self.region_contrast_size, 'region_memory_size', self.region_memory_size)
         self.contrast_kd_temperature = _positive_number('contrast_kd_temperature', contrast_kd_temperature)
         self.contrast_temperature = _positive_number('contrast_temperature', contrast_temperature)
         self.ignore_label = _integer('ignore_label', ignore_label)
         self.s_channels = _integer_at_least('s_channels', s_channels, 1)
         self.t_channels = _integer_at_least('t_channels', t_channels, 1)
-        if generator is not None and (not isinstance(generator, torch.Generator) or generator.device.type != 'cpu'):
-            raise LossSettingError(f'generator must be a CPU torch.Generator or None, got {generator!r}')
-        self.generator = generator
+        self.generator = check_generator(generator)
 
         # Built in the original's order: the head first, then the queues from the global generator.
-        self.project_head = nn.Sequential(
-            nn.Conv2d(self.s_channels, self.t_channels, kernel_size=1, bias=False),
-            norm_layer(self.t_channels),
-            nn.ReLU(inplace=True),
-            nn.Conv2d(self.t_channels, self.t_channels, kernel_size=1, bias=False))
+        self.project_head = projection_head(self.s_channels, self.t_channels, norm_layer)
         segment_queue = _normalised_queue(self.num_classes, self.region_memory_size, self.t_channels)
         pixel_queue = _normalised_queue(self.num_classes, self.pixel_memory_size, self.t_channels)
         self.register_buffer('teacher_segment_queue', segment_queue)
@@ -313,11 +403,8 @@ class StudentSegContrast(nn.Module):
         self._check_inputs(s_feats, t_feats, labels)
         n, _, h, w = s_feats.shape
         device = s_feats.device
-        # The head is a network layer: under autocast it runs as autocast decides, otherwise in the
-        # precision of its parameters.
         dtype = loss_precision(s_feats)
-        head_dtype = self.project_head[0].weight.dtype
-        projected = self.project_head(s_feats if torch.is_autocast_enabled(device.type) else s_feats.to(head_dtype))
+        projected = run_head(self.project_head, s_feats)
         with autocast_disabled(device.type):
             student = F.normalize(projected.to(dtype), p=2, dim=1)
             teacher = F.normalize(t_feats.detach().to(dtype), p=2, dim=1)
@@ -335,21 +422,17 @@ class StudentSegContrast(nn.Module):
                 return (student * 0).sum(), (student * 0).sum()
             s_rows = _pixel_rows(student)[labelled]
             t_rows = _pixel_rows(teacher)[labelled]
-            pixel_loss = _QueueContrastKL.apply(s_rows, t_rows, self._negatives(self.teacher_pixel_queue, pixel_slots,
-                                                                                dtype),
-                                                self.contrast_temperature, self.contrast_kd_temperature)
-            region_loss = _QueueContrastKL.apply(s_rows, t_rows,
-                                                 self._negatives(self.teacher_segment_queue, region_slots, dtype),
-                                                 self.contrast_temperature, self.contrast_kd_temperature)
+            pixel_loss = queue_relation_kl(s_rows, t_rows,
+                                           self._negatives(self.teacher_pixel_queue, pixel_slots, dtype),
+                                           self.contrast_temperature, self.contrast_kd_temperature)
+            region_loss = queue_relation_kl(s_rows, t_rows,
+                                            self._negatives(self.teacher_segment_queue, region_slots, dtype),
+                                            self.contrast_temperature, self.contrast_kd_temperature)
             return pixel_loss, region_loss
 
     def _check_inputs(self, s_feats, t_feats, labels):
-        if s_feats.dim() != 4 or s_feats.shape[1] != self.s_channels:
-            raise ValueError(f'student features must be N x {self.s_channels} x h x w, got {tuple(s_feats.shape)}')
-        n, _, h, w = s_feats.shape
-        if tuple(t_feats.shape) != (n, self.t_channels, h, w):
-            raise ValueError(f'teacher features must be {n} x {self.t_channels} x {h} x {w} (the student\'s N, h '
-                             f'and w, t_channels channels), got {tuple(t_feats.shape)}')
+        check_features(s_feats, t_feats, self.s_channels, self.t_channels)
+        n = s_feats.shape[0]
         if labels.dim() != 3 or labels.shape[0] != n or labels.is_floating_point() or labels.is_complex():
             raise ValueError(f'labels must be an integer N x H x W tensor with N = {n}, got {labels.dtype} '
                              f'{tuple(labels.shape)}')
@@ -374,7 +457,7 @@ class StudentSegContrast(nn.Module):
         """Enqueue the teacher keys (N x D x M, L2-normalised) of the pixels of every class, for the batch
         of all processes: the writes of the original's loop over images and classes, as a few tensor
         operations."""
-        keys, labels = _all_gather(keys), _all_gather(labels)
+        keys, labels = all_gather_rows(keys), all_gather_rows(labels)
         images, dim, pixels = keys.shape
         classes = self.num_classes
         device = keys.device
@@ -435,8 +518,43 @@ class StudentSegContrast(nn.Module):
         self.pixel_queue_ptr.copy_(pointer)
 
 
-def _normalised_queue(classes, length, dim):
-    """classes x length x dim of N(0, 1) draws (the global generator), each row divided by max(norm, 1e-12)
-    as F.normalize does, in place (the pixel queue is hundreds of megabytes)."""
-    queue = torch.randn(classes, length, dim)
-    return queue.div_(queue.norm(p=2, dim=2, keepdim=True).clamp_(min=1e-12))
+def check_features(s_feats, t_feats, s_channels, t_channels):
+    """A ValueError unless the student's features are N x s_channels x h x w and the teacher's
+    N x t_channels x h x w."""
+    if s_feats.dim() != 4 or s_feats.shape[1] != s_channels:
+        raise ValueError(f'student features must be N x {s_channels} x h x w, got {tuple(s_feats.shape)}')
+    n, _, h, w = s_feats.shape
+    if tuple(t_feats.shape) != (n, t_channels, h, w):
+        raise ValueError(f'teacher features must be {n} x {t_channels} x {h} x {w} (the student\'s N, h and w, '
+                         f't_channels channels), got {tuple(t_feats.shape)}')
+
+
+def _normalised_queue(*shape):
+    """A tensor of N(0, 1) draws (the global generator) of `shape`, each row (last dimension) divided by
+    max(norm, 1e-12) as F.normalize does, in place (the pixel queue is hundreds of megabytes)."""
+    queue = torch.randn(*shape)
+    return queue.div_(queue.norm(p=2, dim=-1, keepdim=True).clamp_(min=1e-12))
+
+
+def check_generator(generator):
+    """`generator` if it is a CPU torch.Generator or None (torch's default generator), else a LossSettingError."""
+    if generator is not None and (not isinstance(generator, torch.Generator) or generator.device.type != 'cpu'):
+        raise LossSettingError(f'generator must be a CPU torch.Generator or None, got {generator!r}')
+    return generator
+
+
+def projection_head(s_channels, t_channels, norm_layer):
+    """CIRKD's projection of the student's feature to the teacher's channels: 1x1 conv, norm, ReLU, 1x1 conv
+    (no biases; keys 0.weight, 1.*, 3.weight)."""
+    return nn.Sequential(nn.Conv2d(s_channels, t_channels, kernel_size=1, bias=False),
+                         norm_layer(t_channels),
+                         nn.ReLU(inplace=True),
+                         nn.Conv2d(t_channels, t_channels, kernel_size=1, bias=False))
+
+
+def run_head(head, features):
+    """`head(features)`: the head is a network layer, so under autocast it runs as autocast decides, otherwise
+    in the precision of its parameters."""
+    if not torch.is_autocast_enabled(features.device.type):
+        features = features.to(head[0].weight.dtype)
+    return head(features)

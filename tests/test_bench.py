@@ -6,7 +6,7 @@ import statistics
 import pytest
 import torch
 
-from bench import bench_cross, bench_train, bench_zoo
+from bench import bench_cirkdv2, bench_cross, bench_train, bench_zoo
 from bench.table import extra_flags, parse_markdown_table, script_argv, smallest_crop
 from models.model_zoo import build_segmentation_model, has_aux_head
 from utils.flops import count_flops, count_params
@@ -106,3 +106,21 @@ def test_train_refuses_a_large_crop_below_min_crop(capsys):
         bench_train.parse_args(['--scripts', 'skd', '--large-crop', '256'])
     assert raised.value.code == 2
     assert 'skd needs at least 512' in capsys.readouterr().err
+
+
+def test_cirkdv2_table_ratios_and_memory(capsys):
+    bench_cirkdv2.main(['--smoke', '--batches', '1,2', '--repeats', '1', '--inner', '1'])
+    out = capsys.readouterr().out
+    rows = parse_markdown_table(out)
+    assert [row['batch'] for row in rows] == ['1', '2']
+    for row in rows:
+        for ours, original, ratio in (('all terms', 'original', 'x original'),
+                                      ('mini-batch c2c', 'original loop', 'x original loop')):
+            mine, theirs = float(row[ours]), float(row[original])
+            assert mine >= 0 and theirs > 0
+            # the ratio of the unrounded times: within the times' rounding (0.005 ms) and its own
+            low, high = (mine - 0.005) / (theirs + 0.005), (mine + 0.005) / (theirs - 0.005)
+            assert low - 0.005 <= float(row[ratio]) <= high + 0.005
+    # the queues at CIRKDv2's defaults: 10000 x 512 x 4 bytes; 19 x (20000 + 2000) x 512 x 4 bytes
+    assert '| 512 x 1024 crop, stride 8 (Cityscapes) | 512 | 20.5 |' in out
+    assert '| Cityscapes | 19 | DeepLabV3-R101 | 512 | 778 | 78 | 856 |' in out
