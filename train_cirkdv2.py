@@ -24,7 +24,6 @@ pooled area (ceil(h / 4) x ceil(w / 4) of the teacher's feature: 512 for 512 x 1
 enqueued per iteration: 20 MB with the Cityscapes defaults, on every GPU; the pixel memories as CIRKD.
 """
 import argparse
-import math
 import sys
 
 from losses import (
@@ -35,6 +34,7 @@ from losses import (
     StudentSegChannelContrast,
     StudentSegContrast,
 )
+from losses.cirkd_channel import pooled_positions
 from models.model_zoo import output_sizes
 from utils.cirkd_memory import PIXEL_UPDATE_FREQ, add_memory_args, check_memory_args
 from utils.errors import run_main
@@ -48,13 +48,12 @@ YEAR = 2025
 QUICK_FLAGS = ['--pixel-memory-size', '64', '--region-memory-size', '8', '--pixel-contrast-size', '190',
                '--region-contrast-size', '38', '--channel-memory-size', '512', '--channel-contrast-size', '64']
 CHANNEL_UPDATE_SIZE = 256  # teacher channel vectors enqueued per iteration (the original's)
-CHANNEL_POOL = 4  # the channel terms compare 4 x 4 average-pooled features
+MINIBATCH_POOL_FROM = 256  # the mini-batch pixel term pools maps this large 4 x 4 first (the original's rule)
 
 
 def channel_dim(args):
     """The pooled area of the teacher's feature the channel memory's rows have."""
-    height, width = output_sizes(args.teacher_model, args.teacher_backbone, tuple(args.crop_size))['features']
-    return math.ceil(height / CHANNEL_POOL) * math.ceil(width / CHANNEL_POOL)
+    return pooled_positions(*output_sizes(args.teacher_model, args.teacher_backbone, tuple(args.crop_size))['features'])
 
 
 def uses_gcn(args):
@@ -85,7 +84,9 @@ class CIRKDv2Distillation(DistillationMethod):
             if uses_gcn(args):
                 self.gcn = GCN(s_channels, norm_layer=nets.norm_layer)
             self.fitnet = CriterionFitNet(s_channels, t_channels)
-        self.minibatch = CriterionMiniBatchCrossImagePair(temperature=args.contrast_temperature)
+        # CIRKDv2 pools maps of 256 or more a side (SegFormer's at 1024 x 1024 crops) 4 x 4 first
+        self.minibatch = CriterionMiniBatchCrossImagePair(temperature=args.contrast_temperature,
+                                                          pool_from_size=MINIBATCH_POOL_FROM)
         self.memory = None
         if self.lambda_pixel or self.lambda_region:
             num_class = nets.num_class
@@ -96,8 +97,7 @@ class CIRKDv2Distillation(DistillationMethod):
                 contrast_kd_temperature=args.contrast_kd_temperature,
                 contrast_temperature=args.contrast_temperature, ignore_label=args.ignore_label,
                 s_channels=s_channels, t_channels=t_channels, pixel_update_freq=PIXEL_UPDATE_FREQ,
-                norm_layer=nets.norm_layer, generator=self.add_generator('cirkdv2_memory', shared=True),
-                version=2)
+                norm_layer=nets.norm_layer, generator=self.add_generator('cirkdv2_memory', shared=True))
         self.channel = None
         if self.lambda_minibatch_channel or self.lambda_memory_channel or self.lambda_channel_kd:
             self.channel = StudentSegChannelContrast(
@@ -121,7 +121,7 @@ class CIRKDv2Distillation(DistillationMethod):
         if self.lambda_minibatch_pixel:
             terms['Mini-batch p2p Loss'] = self.lambda_minibatch_pixel * self.minibatch(s_feat, t_feat)
         if self.memory is not None:
-            pixel, region = self.memory(s_feat, t_feat, labels, s_logits.detach().argmax(dim=1))
+            pixel, region = self.memory(s_feat, t_feat, labels)
             if self.lambda_pixel:
                 terms['Memory p2p Loss'] = self.lambda_pixel * pixel
             if self.lambda_region:
