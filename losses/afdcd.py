@@ -82,10 +82,10 @@ class _PatchCrossEntropy(torch.autograd.Function):
     """sum over the rows of B x R x R logits of logsumexp(allowed entries of the row) - the diagonal entry
     (the cross-entropy with the diagonal as the target); `allowed` (R x R, bool) holds the diagonal.
 
-    Written by hand so that the exponentials are taken once (the backward reuses the softmax) and never
-    underflow: the shifted logits are clamped at log of the smallest normal number, which changes the
-    row sums (at least 1) by less than R times that number, because on the CPU exp() of arguments below it is
-    several times slower (the contrast's logits span hundreds of units)."""
+    Written by hand so that the exponentials are taken once (the backward reuses the softmax), and so that exp()
+    never gets an argument below log of the smallest normal number: the contrast's logits span hundreds of
+    units, and on the CPU exp() of arguments whose result underflows is several times slower. The clamp changes
+    a row sum (at least 1) by less than R times that smallest number."""
 
     @staticmethod
     def forward(ctx, logits, allowed):

@@ -7,8 +7,8 @@ parameter names; what differs: the h*w x h*w affinity of each image is never mat
 formed it explicitly (softmax(q k^T / sqrt(c)), 8192^2 entries per image for a 64 x 128 feature: 0.27 GB in
 float32, kept for the backward pass); here torch.nn.functional.scaled_dot_product_attention computes
 softmax(q k^T * scale) v with a fused kernel (flash or memory-efficient attention where the device has one),
-whose memory grows with h*w, not (h*w)^2. Under autocast the block computes in float32, its parameters'
-precision.
+whose memory grows with h*w, not (h*w)^2 (on the CPU the queries are cut into one block per thread, see
+`attention`). Under autocast the block computes in float32, its parameters' precision.
 """
 import operator
 
@@ -19,6 +19,25 @@ import torch.nn.functional as F
 from .channel import LossSettingError, autocast_disabled
 
 __all__ = ['GCN']
+
+
+def attention(query, key, value, scale):
+    """softmax(query key^T * scale) value of N x 1 x rows x c tensors (one head), by
+    scaled_dot_product_attention.
+
+    On the CPU the fused kernel's backward pass gives each thread whole (image, head) pairs, so one image runs
+    on one thread: with fewer images than threads, the queries are cut into blocks (zero rows padding the
+    last), one per thread, each attending to all the keys (a view, not a copy). Every row's result is the
+    same; the keys' and values' gradients are summed over the blocks."""
+    n, _, rows, channels = query.shape
+    blocks = torch.get_num_threads() // n if query.device.type == 'cpu' else 1
+    if blocks <= 1 or rows < blocks:
+        return F.scaled_dot_product_attention(query, key, value, scale=scale)
+    per_block = -(-rows // blocks)
+    query = F.pad(query, (0, 0, 0, per_block * blocks - rows)).reshape(n, blocks, per_block, channels)
+    attended = F.scaled_dot_product_attention(query, key.expand(n, blocks, rows, channels),
+                                              value.expand(n, blocks, rows, channels), scale=scale)
+    return attended.reshape(n, 1, blocks * per_block, channels)[:, :, :rows]
 
 
 class GCN(nn.Module):
@@ -70,6 +89,6 @@ class GCN(nn.Module):
             # with contiguous rows, which the fused kernels need; one attention head, N x 1 x hw x c.
             projection = torch.cat([self.node_q.weight, self.node_k.weight, self.node_v.weight]).flatten(1)
             query, key, value = F.linear(feat.flatten(2).transpose(1, 2), projection).unsqueeze(1).split(inner, -1)
-            attended = F.scaled_dot_product_attention(query, key, value, scale=inner ** -0.5)
+            attended = attention(query, key, value, inner ** -0.5)
             attended = attended.squeeze(1).transpose(1, 2).reshape(n, inner, h, w)
             return self.out_conv(torch.cat([feat, self.conv1(attended)], dim=1))

@@ -8,6 +8,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from assertions import assert_same
 
+import losses.gcn as gcn_module
 from losses import GCN, CriterionAT, CriterionDoubleSimKD, CriterionFitNet, OmniContrastiveFeatureLoss
 from losses.afdcd import EnhancedProjector
 from tests.reference.at_fitnet_dsd_gcn_afdcd import (
@@ -203,6 +204,22 @@ def test_gcn_matches_original(train):
     assert_same((out * weights).sum(), (original(feat) * weights).sum(), [feat, *ours.parameters()], 1e-9,
                 reference_inputs=[feat, *original.parameters()])
     torch.testing.assert_close(ours.conv1[1].running_var, original.conv1[1].running_var, rtol=1e-12, atol=0)
+
+
+@pytest.mark.parametrize('threads', [2, 3])
+def test_gcn_attention_in_query_blocks(threads):
+    # one image and several threads: the queries are cut into blocks (35 rows: the last block padded)
+    query, key, value = (randn(1, 1, 35, 4, seed=seed, grad=True) for seed in (43, 44, 45))
+    weights = randn(1, 1, 35, 4, seed=46)
+    explicit = torch.softmax(query @ key.transpose(2, 3) * 0.5, dim=-1) @ value
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        blocked = gcn_module.attention(query, key, value, 0.5)
+    finally:
+        torch.set_num_threads(before)
+    assert blocked.shape == explicit.shape
+    assert_same((blocked * weights).sum(), (explicit * weights).sum(), [query, key, value], 1e-9)
 
 
 def test_gcn_never_keeps_the_affinity_and_precision():
