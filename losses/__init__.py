@@ -13,13 +13,23 @@
 | adversarial.py | CriterionAdvForG, CriterionAdv | train_skd.py, train_ifvd.py |
 | cirkd.py | CriterionMiniBatchCrossImagePair, StudentSegContrast | train_cirkd.py, train_cirkdv2.py |
 | cirkd_channel.py | StudentSegChannelContrast | train_cirkdv2.py |
+| at.py | CriterionAT | train_at.py |
+| fitnet.py | CriterionFitNet | train_fitnet.py, train_cirkdv2.py |
+| dsd.py | CriterionDoubleSimKD | train_dsd.py |
+| gcn.py | GCN | train_cirkdv2.py |
+| afdcd.py | OmniContrastiveFeatureLoss | train_afdcd.py |
 """
 from .adversarial import CriterionAdv, CriterionAdvForG
+from .afdcd import OmniContrastiveFeatureLoss
+from .at import CriterionAT
 from .channel import LossSettingError
 from .cirkd import CriterionMiniBatchCrossImagePair, StudentSegContrast
 from .cirkd_channel import StudentSegChannelContrast
 from .cwd import CriterionCWD, FeatureAdapter
 from .dist import CriterionDIST
+from .dsd import CriterionDoubleSimKD
+from .fitnet import CriterionFitNet
+from .gcn import GCN
 from .hwd_loss import CriterionHWD
 from .ifv import CriterionIFV
 from .kd import CriterionKD
@@ -30,4 +40,5 @@ from .task import SegCrossEntropyLoss
 __all__ = ['SegCrossEntropyLoss', 'CriterionCWD', 'CriterionHWD', 'FeatureAdapter', 'LossSettingError',
            'CriterionKD', 'CriterionDIST', 'CriterionMGD', 'CriterionPairWise', 'CriterionIFV',
            'CriterionAdvForG', 'CriterionAdv', 'CriterionMiniBatchCrossImagePair', 'StudentSegContrast',
-           'StudentSegChannelContrast']
+           'StudentSegChannelContrast',
+           'CriterionAT', 'CriterionFitNet', 'CriterionDoubleSimKD', 'GCN', 'OmniContrastiveFeatureLoss']

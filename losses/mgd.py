@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from .align import resize_like
 from .channel import LossSettingError, autocast_disabled, loss_precision
 
-__all__ = ['CriterionMGD']
+__all__ = ['CriterionMGD', 'draw_pixel_mask', 'pixel_mask']
 
 
 def check_channels(name, value):
@@ -32,6 +32,33 @@ def check_channels(name, value):
     if value < 1:
         raise LossSettingError(f'{name} must be a whole number >= 1, got {value}')
     return value
+
+
+def draw_pixel_mask(generator, drop_probability, n, h, w, device=None, dtype=torch.float32):
+    """N x 1 x h x w of 0 (dropped) and 1 (kept), on `device` in `dtype`: with u uniform in [0, 1) drawn from
+    `generator` (a CPU generator; None: torch's default one) in float32 on the CPU whatever the device and
+    dtype, so one generator state gives the same mask everywhere, 0 where u > 1 - drop_probability. The
+    comparison runs in float32 with 1 - drop_probability rounded to float32, exactly as MGD's and Af-DCD's
+    originals (torch.rand, then torch.where(u > 1 - ratio, 0, 1))."""
+    if generator is not None and (not isinstance(generator, torch.Generator) or generator.device.type != 'cpu'):
+        raise ValueError(f'generator must be a CPU torch.Generator or None, got {generator!r}')
+    uniform = torch.rand(n, 1, h, w, generator=generator, dtype=torch.float32, device='cpu')
+    dropped = uniform > 1 - drop_probability
+    return dropped.logical_not_().to(device=device, dtype=dtype)
+
+
+def pixel_mask(mask, draw, n, h, w, device=None, dtype=torch.float32):
+    """A caller's N x 1 x h x w `mask` of 0 and 1 (floating or bool), checked and detached, on `device` in
+    `dtype`; when it is None, draw(n, h, w, device=device, dtype=dtype)."""
+    if mask is None:
+        return draw(n, h, w, device=device, dtype=dtype)
+    if tuple(mask.shape) != (n, 1, h, w) or not (mask.dtype == torch.bool or mask.is_floating_point()):
+        raise ValueError(f'mask must be a floating or bool tensor of shape {(n, 1, h, w)}, got '
+                         f'{mask.dtype} {tuple(mask.shape)}')
+    mask = mask.detach().to(device=device, dtype=dtype)
+    if not bool(((mask == 0) | (mask == 1)).all()):
+        raise ValueError('mask must hold only 0 and 1')
+    return mask
 
 
 class CriterionMGD(nn.Module):
@@ -80,10 +107,7 @@ class CriterionMGD(nn.Module):
         """A fresh N x 1 x h x w mask of 0 (dropped) and 1 (kept) from `self.generator`, on `device`.
         Drawn in float32 on the CPU whatever the device and dtype (as the original), so one generator
         state gives the same mask everywhere."""
-        uniform = torch.rand(n, 1, h, w, generator=self.generator, dtype=torch.float32, device='cpu')
-        # The comparison runs in float32 with 1 - lambda rounded to float32, exactly as the original's.
-        dropped = uniform > 1 - self.lambda_mgd
-        return dropped.logical_not_().to(device=device, dtype=dtype)
+        return draw_pixel_mask(self.generator, self.lambda_mgd, n, h, w, device=device, dtype=dtype)
 
     def forward(self, preds_S, preds_T, mask=None):
         """preds_S: student features N x Cs x h x w; preds_T: teacher features N x Ct x h x w;
@@ -101,15 +125,7 @@ class CriterionMGD(nn.Module):
             raise ValueError(f'MGD needs at least one image and one pixel, got {tuple(preds_S.shape)}')
         dtype = loss_precision(preds_S)
         device = preds_S.device
-        if mask is None:
-            mask = self.draw_mask(n, h, w, device=device, dtype=dtype)
-        else:
-            if tuple(mask.shape) != (n, 1, h, w) or not (mask.dtype == torch.bool or mask.is_floating_point()):
-                raise ValueError(f'mask must be a floating or bool tensor of shape {(n, 1, h, w)}, got '
-                                 f'{mask.dtype} {tuple(mask.shape)}')
-            mask = mask.detach().to(device=device, dtype=dtype)
-            if not bool(((mask == 0) | (mask == 1)).all()):
-                raise ValueError('mask must hold only 0 and 1')
+        mask = pixel_mask(mask, self.draw_mask, n, h, w, device=device, dtype=dtype)
         with autocast_disabled(device.type):
             aligned = self._conv(self.align, preds_S.to(dtype), dtype)
             hidden = self.generation[1](self._conv(self.generation[0], aligned * mask, dtype))

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from .align import resize_like
 from .channel import autocast_disabled, loss_precision
 
-__all__ = ['CriterionPairWise', 'check_feature_pair']
+__all__ = ['CriterionPairWise', 'check_feature_pair', 'feature_pair']
 
 
 def check_feature_pair(feat_S, feat_T):
@@ -26,6 +26,16 @@ def check_feature_pair(feat_S, feat_T):
                          f'channel counts may differ), got {tuple(feat_S.shape)} and {tuple(feat_T.shape)}')
     if feat_S.numel() == 0 or feat_T.numel() == 0:
         raise ValueError(f'empty features: {tuple(feat_S.shape)} and {tuple(feat_T.shape)}')
+
+
+def feature_pair(feat_S, feat_T):
+    """(student, teacher) features for a channel-agnostic term: the student resized to the teacher's h x w when
+    they differ (losses/align.py), both checked (check_feature_pair), in the losses' precision (float32 for
+    half precisions), the teacher detached."""
+    feat_S = resize_like(feat_S, feat_T)
+    check_feature_pair(feat_S, feat_T)
+    dtype = loss_precision(feat_S)
+    return feat_S.to(dtype), feat_T.detach().to(dtype)
 
 
 def _node_similarities(feat):
@@ -47,12 +57,10 @@ class CriterionPairWise(nn.Module):
     def forward(self, feat_S, feat_T):
         """feat_S: N x Cs x h x w, feat_T: N x Ct x h x w (feat_S resized to the teacher's h x w when they
         differ, see losses/align.py). Returns a scalar."""
-        feat_S = resize_like(feat_S, feat_T)
-        check_feature_pair(feat_S, feat_T)
-        dtype = loss_precision(feat_S)
+        feat_S, feat_T = feature_pair(feat_S, feat_T)
         with autocast_disabled(feat_S.device.type):
-            similarity_S = _node_similarities(feat_S.to(dtype))
+            similarity_S = _node_similarities(feat_S)
             with torch.no_grad():
-                similarity_T = _node_similarities(feat_T.detach().to(dtype))
+                similarity_T = _node_similarities(feat_T)
             # the mean over the N x M' x M' entries
             return F.mse_loss(similarity_S, similarity_T)

@@ -6,7 +6,7 @@ import statistics
 import pytest
 import torch
 
-from bench import bench_cirkdv2, bench_cross, bench_train, bench_zoo
+from bench import bench_cirkdv2, bench_cross, bench_dsd_gcn_afdcd, bench_train, bench_zoo
 from bench.table import extra_flags, parse_markdown_table, script_argv, smallest_crop
 from models.model_zoo import build_segmentation_model, has_aux_head
 from utils.flops import count_flops, count_params
@@ -73,6 +73,27 @@ def test_cross_table_ratio(capsys):
     same, cross, ratio = float(row['same s/it']), float(row['cross s/it']), float(row['cross / same'])
     assert same > 0 and cross > 0 and ratio > 0
     assert ratio == pytest.approx(cross / same, abs=0.01 + 1e-4 * ratio / min(same, cross))
+
+
+def test_dsd_gcn_afdcd_table(capsys):
+    bench_dsd_gcn_afdcd.main(['--smoke', '--threads', '1'])
+    rows = _table(capsys)
+    assert [(row['term'], row['candidate']) for row in rows] == [
+        ('Af-DCD (FD + CTR)', 'OmniContrastiveFeatureLoss'), ('Af-DCD (FD + CTR)', 'original algorithm'),
+        ('DSD (PSD + CSD)', 'CriterionDoubleSimKD'), ('DSD (PSD + CSD)', 'original algorithm')] + [
+        ('GCN', name) for _ in range(2) for name in ('GCN (scaled_dot_product_attention)',
+                                                     'original algorithm (explicit affinity)')]
+    for ours, original in zip(rows[::2], rows[1::2], strict=True):
+        assert ours['shape'] == original['shape'] and original['x original'] == '1.00'
+        ours_ms, original_ms = float(ours['median (ms)']), float(original['median (ms)'])
+        assert ours_ms > 0 and original_ms > 0
+        assert float(ours['x original']) == pytest.approx(ours_ms / original_ms, abs=0.01 + 0.1 * ours_ms / original_ms)
+        assert ours['peak (MB)'] == '-'  # the CPU profiler is left out of the smoke run
+    # the original GCN keeps its 256 x 256 affinity per image (0.26 MB) for the backward pass
+    gcn_rows = rows[4:]
+    for images, ours, original in zip((1, 2), gcn_rows[::2], gcn_rows[1::2], strict=True):
+        assert float(original['saved (MB)']) >= round(images * 256 ** 2 * 4 / 1e6, 1)
+        assert float(ours['saved (MB)']) < float(original['saved (MB)']) / 2
 
 
 def test_train_table_loop_against_bare_step(capsys):
