@@ -52,12 +52,13 @@ def test_ctrl_c_then_a_refused_run_then_resume(data, tmp_path, monkeypatch):
             os.kill(os.getpid(), signal.SIGINT)  # what Ctrl-C sends
 
     monkeypatch.setattr(Trainer, '_after_step', interrupt_after_two)
+    handler = signal.getsignal(signal.SIGINT)
     status, err = train(argv)
     assert status == 130, err
     assert f'stopped by SIGINT after iteration 2; resume file {tmp_path / "ckpt" / STEM}_resume.pth' in err
     assert 'continue with --resume auto' in err
     assert load(tmp_path / 'ckpt' / f'{STEM}_resume.pth')['iteration'] == 2
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the loop's handler is gone
+    assert signal.getsignal(signal.SIGINT) is handler  # the loop's own handler is gone
     monkeypatch.setattr(Trainer, '_after_step', original)
 
     before = snapshot(tmp_path)

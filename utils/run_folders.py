@@ -177,7 +177,7 @@ class RunLock:
             if pid != os.getpid() and _pid_alive(pid):
                 raise UserError(f'another run (pid {pid}, started {holder.get("started")}) is writing the same files '
                                 f'in {os.path.dirname(path)} (lock {path}): wait for it, or give another --save-dir '
-                                '/ --log-dir')
+                                '/ --log-dir (if no such run is going on, remove the lock file)')
             logger.warning(f'taking over the lock {path} of a run that is gone (pid {pid}, started '
                            f'{holder.get("started")})')
             return text
@@ -231,8 +231,8 @@ class RunLock:
 
 def claim_run_folders(args, method, ctx):
     """Rank 0 takes the run's locks and checks that the run overwrites nothing (with --overwrite: removes the
-    earlier run's files); every process raises the same verdict. Returns the RunLock to release at the end (None
-    on the other ranks)."""
+    earlier run's files); a refusal stops every process (rank 0 prints it). Returns the RunLock to release at the
+    end (None on the other ranks)."""
     stem = run_stem(args, method)
     lock, error = None, None
     if ctx.is_main:
@@ -241,13 +241,9 @@ def claim_run_folders(args, method, ctx):
             check_not_overwriting(args, stem, method)
             if args.overwrite:
                 lock.removed = _remove_overwritten(args, stem)
-        except UserError as refused:
-            error = refused
-            if lock is not None:
-                lock.release()
-                lock = None
-        except OSError as failed:
-            error = UserError(f'cannot prepare --save-dir {args.save_dir} / --log-dir {args.log_dir}: {failed}')
+        except (UserError, OSError) as refused:
+            error = refused if isinstance(refused, UserError) else UserError(
+                f'cannot prepare --save-dir {args.save_dir} / --log-dir {args.log_dir}: {refused}')
             if lock is not None:
                 lock.release()
                 lock = None

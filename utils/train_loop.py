@@ -115,10 +115,6 @@ class StopSignal:
             for signum in STOP_SIGNALS:
                 self._previous[signum] = signal.signal(signum, self._on_signal)
 
-    @property
-    def requested(self):
-        return self.signum != 0
-
     def _on_signal(self, signum, frame):
         now = time.monotonic()
         if self.signum == signal.SIGINT and signum == signal.SIGINT \
@@ -127,10 +123,14 @@ class StopSignal:
         if self.signum:
             return
         self.signum, self.received_at = int(signum), now
-        if self.announce:  # os.write: safe inside a signal handler, unlike logging
+        if self.announce:
             again = ' (Ctrl-C again to abort without saving)' if signum == signal.SIGINT else ''
-            os.write(sys.stderr.fileno(), f'\n{signal.Signals(signum).name} received: the run stops at the next '
-                                          f'iteration and writes its resume file{again}\n'.encode())
+            note = (f'\n{signal.Signals(signum).name} received: the run stops at the next iteration and writes its '
+                    f'resume file{again}\n')
+            try:
+                os.write(2, note.encode())  # stderr's descriptor: safe inside a signal handler, unlike logging
+            except OSError:
+                pass
 
     def poll(self, failed=False):
         """(signal number or 0, whether any process failed), the same on every process."""
