@@ -98,7 +98,7 @@ def parse(data, folder, *extra):
     return train_baseline.parse_args(common(data, folder) + MOBILE + list(extra))
 
 
-def test_lock_refuses_a_live_run_and_takes_over_a_dead_one(data, tmp_path, caplog):
+def test_lock_refuses_a_live_run_and_takes_over_a_dead_one(data, tmp_path):
     args = parse(data, tmp_path)
     lock_path = tmp_path / 'ckpt' / f'{STEM}{LOCK_SUFFIX}'
     lock_path.parent.mkdir()
@@ -111,7 +111,7 @@ def test_lock_refuses_a_live_run_and_takes_over_a_dead_one(data, tmp_path, caplo
     # a run that is gone: its lock is taken over with a warning, and released at the end
     lock_path.write_text(f'{{"pid": {DEAD_PID}, "host": "{os.uname().nodename}", "started": "then"}}')
     lock = claim_run_folders(args, 'baseline', DistContext())
-    assert f'taking over the lock {lock_path} of a run that is gone (pid {DEAD_PID}' in caplog.text
+    assert lock.warnings[0].startswith(f'took over the lock {lock_path} of a run that is gone (pid {DEAD_PID}')
     assert sorted(p.name for p in tmp_path.rglob(f'*{LOCK_SUFFIX}')) == [f'{STEM}{LOCK_SUFFIX}'] * 2  # both folders
     assert f'"pid": {os.getpid()}' in lock_path.read_text()
     lock.release()
@@ -122,8 +122,9 @@ def test_lock_refuses_a_live_run_and_takes_over_a_dead_one(data, tmp_path, caplo
         claim_run_folders(args, 'baseline', DistContext())
     old = lock_path.stat().st_mtime - 3600
     os.utime(lock_path, (old, old))
-    claim_run_folders(args, 'baseline', DistContext()).release()
-    assert 'of a run on elsewhere (pid 1) that has not touched it' in caplog.text
+    lock = claim_run_folders(args, 'baseline', DistContext())
+    lock.release()
+    assert 'of a run on elsewhere (pid 1) that has not touched it' in lock.warnings[0]
 
 
 def test_overwrite_and_resume_into_another_runs_folder(data, tmp_path):

@@ -12,11 +12,10 @@ finished work is ever lost to a typo or a second launch:
   process stops with rank 0's message, or none does;
 - `RunLock`: one file per folder and stem, created atomically (O_CREAT | O_EXCL) with the pid and host of the
   run that holds it, touched every LOCK_HEARTBEAT seconds and removed when the run ends, also on errors and
-  signals. A lock left by a run that was killed is taken over, with a warning: on the same host when its
-  process is gone, from another host when it has not been touched for LOCK_STALE_SECONDS.
+  signals. A lock left by a run that was killed is taken over, with a warning in the run's log: on the same host
+  when its process is gone, from another host when it has not been touched for LOCK_STALE_SECONDS.
 """
 import json
-import logging
 import os
 import secrets
 import socket
@@ -28,8 +27,6 @@ from utils.distributed import agree_on_error
 from utils.errors import UserError
 from utils.options import student_names
 from utils.results import FLAGS_SUFFIX, HISTORY_SUFFIX
-
-logger = logging.getLogger(__name__)
 
 LOCK_SUFFIX = '.lock'
 LOG_SUFFIX = '_log.txt'
@@ -124,6 +121,7 @@ class RunLock:
         self.paths = list(paths)
         self.held = []
         self.removed = []  # the files of an earlier run that --overwrite removed
+        self.warnings = []  # locks taken over, to log once logging is set up
         self.text = json.dumps({'pid': os.getpid(), 'host': socket.gethostname(),
                                 'started': time.strftime('%Y-%m-%d %H:%M:%S'), 'token': secrets.token_hex(8)})
         self._stop = threading.Event()
@@ -178,16 +176,16 @@ class RunLock:
                 raise UserError(f'another run (pid {pid}, started {holder.get("started")}) is writing the same files '
                                 f'in {os.path.dirname(path)} (lock {path}): wait for it, or give another --save-dir '
                                 '/ --log-dir (if no such run is going on, remove the lock file)')
-            logger.warning(f'taking over the lock {path} of a run that is gone (pid {pid}, started '
-                           f'{holder.get("started")})')
+            self.warnings.append(f'took over the lock {path} of a run that is gone (pid {pid}, started '
+                                 f'{holder.get("started")})')
             return text
         if age <= LOCK_STALE_SECONDS:
             raise UserError(f'a run on {host} (pid {pid}, started {holder.get("started")}) is writing the same files '
                             f'in {os.path.dirname(path)} (lock {path}, touched {age:.0f} s ago): wait for it, or give '
                             f'another --save-dir / --log-dir (a lock untouched for {LOCK_STALE_SECONDS:.0f} s is '
                             'taken over)')
-        logger.warning(f'taking over the lock {path} of a run on {host} (pid {pid}) that has not touched it for '
-                       f'{age:.0f} s')
+        self.warnings.append(f'took over the lock {path} of a run on {host} (pid {pid}) that has not touched it for '
+                             f'{age:.0f} s')
         return text
 
     @staticmethod

@@ -524,8 +524,11 @@ def run_training(args, method_name, build_method=None):
     try:
         lock = claim_run_folders(args, method_name, ctx)
         trainer = Trainer(args, method_name, build_method, ctx)
-        if lock is not None and lock.removed:
-            logger.info('--overwrite: removed the files of the earlier run: ' + ', '.join(lock.removed))
+        if lock is not None:  # now that the log is set up
+            for warning in lock.warnings:
+                logger.warning(warning)
+            if lock.removed:
+                logger.info('--overwrite: removed the files of the earlier run: ' + ', '.join(lock.removed))
         return trainer.train()
     except Exception as error:
         if ctx.distributed and is_lost_peer(error):
