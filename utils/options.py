@@ -360,6 +360,8 @@ def validate_args(parser, args, default_dir=None):
         backbone = args.student_backbone if distillation else args.backbone
         setattr(args, base_dest, os.path.join(PRETRAINED_FOLDER, imagenet_file(backbone)))
     model, backbone, pretrained_base, pretrained = student_names(args)
+    _check_network(parser, model, backbone, '--student-model' if distillation else '--model',
+                   '--student-backbone' if distillation else '--backbone')
     if not no_file(pretrained_base) and no_file(pretrained) \
             and not os.path.isfile(pretrained_base):
         origin = (f"the default for {'--student-backbone' if distillation else '--backbone'} {backbone}; "
@@ -367,8 +369,6 @@ def validate_args(parser, args, default_dir=None):
         parser.error(f'{base_flag} {pretrained_base}: no such file ({origin}download the ImageNet backbone (the '
                      f"README's table of ImageNet backbone files), or pass {base_flag} None to start from random "
                      'weights)')
-    _check_network(parser, model, backbone, '--student-model' if distillation else '--model',
-                   '--student-backbone' if distillation else '--backbone')
     if args.head_width is not None and not has_variable_width(model):
         parser.error(f'{"--student-head-width" if distillation else "--head-width"} {args.head_width}: the head of '
                      f'{model} has one width ({default_head_width(model, backbone)}); only deeplabv3 and psp on a '

@@ -75,7 +75,7 @@ def _describe(paths, shown=3):
 def check_not_overwriting(args, stem, method):
     """Refuse a run that would replace the results of another run in its folders (see the module docstring)."""
     found = [path for path in result_files(args, stem) if os.path.exists(path)]
-    if not found or args.overwrite:
+    if not found or getattr(args, 'overwrite', False):
         return
     folder = os.path.dirname(found[0])
     resume_path = checkpoint_paths(args.save_dir, stem)['resume']
@@ -237,7 +237,7 @@ def claim_run_folders(args, method, ctx):
         try:
             lock = RunLock([os.path.join(folder, stem + LOCK_SUFFIX) for folder in _folders(args)]).acquire()
             check_not_overwriting(args, stem, method)
-            if args.overwrite:
+            if getattr(args, 'overwrite', False):
                 lock.removed = _remove_overwritten(args, stem)
         except (UserError, OSError) as refused:
             error = refused if isinstance(refused, UserError) else UserError(
