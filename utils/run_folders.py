@@ -9,7 +9,7 @@ finished work is ever lost to a typo or a second launch:
 - `claim_run_folders`: rank 0 takes the run's lock (`{stem}.lock` in each folder) and refuses a folder that
   already holds this stem's results (checkpoints, resume file or history) unless the run continues them
   (`--resume auto`) or replaces them (`--overwrite`); the other processes learn the verdict, so that every
-  process stops with rank 0's message, or none does;
+  process stops (rank 0 printing why), or none does;
 - `RunLock`: one file per folder and stem, created atomically (O_CREAT | O_EXCL) with the pid and host of the
   run that holds it, touched every LOCK_HEARTBEAT seconds and removed when the run ends, also on errors and
   signals. A lock left by a run that was killed is taken over, with a warning in the run's log: on the same host
@@ -29,7 +29,7 @@ from utils.options import student_names
 from utils.results import FLAGS_SUFFIX, HISTORY_SUFFIX
 
 LOCK_SUFFIX = '.lock'
-LOG_SUFFIX = '_log.txt'
+LOG_SUFFIX = '_log.txt'  # the run's log in --log-dir
 # A running run touches its lock this often; a lock of another host untouched for LOCK_STALE_SECONDS is stale.
 LOCK_HEARTBEAT = 30.0
 LOCK_STALE_SECONDS = 300.0

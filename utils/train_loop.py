@@ -62,7 +62,7 @@ from utils.logger import setup_logging
 from utils.metric import format_iou_table, format_summary
 from utils.options import student_names
 from utils.results import FLAGS_SUFFIX, HISTORY_SUFFIX, metrics_record, read_history, write_history, write_json
-from utils.run_folders import claim_run_folders, run_stem
+from utils.run_folders import LOG_SUFFIX, claim_run_folders, run_stem
 from utils.samplers import IterationSampler
 from utils.seeding import derive_seed
 from utils.train_build import build_run
@@ -192,7 +192,7 @@ class Trainer:
         self.stem = run_stem(args, method_name)
         self.paths = checkpoint_paths(args.save_dir, self.stem)
         self.writer = BackgroundWriter()
-        setup_logging(args.log_dir, ctx.rank, filename=f'{self.stem}_log.txt')
+        setup_logging(args.log_dir, ctx.rank, filename=self.stem + LOG_SUFFIX)
         warning = cpu_fallback_warning(args, self.device)
         if warning:
             logger.warning(warning)
