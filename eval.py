@@ -24,13 +24,20 @@ from torch.utils.data import DataLoader
 
 from dataset import DATASETS, build_dataset, check_ignore_label, dataset_info
 from models.model_zoo import check_model_name, load_trained_model
-from utils.distributed import add_launcher_args, barrier, cleanup, get_world_size, init_distributed
+from utils.distributed import (
+    add_launcher_args,
+    barrier,
+    cleanup,
+    cpu_fallback_warning,
+    get_world_size,
+    init_distributed,
+)
 from utils.errors import UserError, run_main
 from utils.evaluation import ShardSampler, evaluate
 from utils.flops import format_complexity
 from utils.logger import setup_logging
 from utils.metric import format_iou_table, format_summary
-from utils.options import non_negative_int, positive_float, positive_int
+from utils.options import check_output_folder, non_negative_int, positive_float, positive_int
 from utils.palette import cityscapes_trainid_to_labelid, colorize, colorize_rgb
 from utils.results import file_sha256, metrics_record, write_json
 from utils.visualize import denormalize_image, save_panel
@@ -112,6 +119,7 @@ class PredictionWriter:
 
 
 def run(args):
+    check_output_folder(args.save_dir, '--save-dir')
     ctx = init_distributed(args)
     check_model_name(args.model, args.backbone)  # before any data is read
     info = dataset_info(args.dataset, args.data)
@@ -121,6 +129,9 @@ def run(args):
     name = run_name(args)
     out_dir = os.path.join(args.save_dir, name)
     setup_logging(args.save_dir, ctx.rank, filename=f'{name}_{args.split}.txt', mode='a+')
+    warning = cpu_fallback_warning(args, ctx.device)
+    if warning:
+        logger.warning(warning)
     logger.info('eval.py arguments: %s', ', '.join(f'{k}={v}' for k, v in sorted(vars(args).items())))
 
     dataset = build_dataset(args.dataset, args.split, data_root=args.data, ignore_label=args.ignore_label)

@@ -234,7 +234,7 @@ class _SegmentationSet(data.Dataset):
                                self.list_path, len(entries), self.root)
         if not entries:
             raise DataError(f'no samples in {source}: check the list file or the data set layout '
-                            f'({lists.layout_hint(self.key, self.split)})')
+                            f'({lists.layout_hint(self.key, self.split, self.labelled)})')
         _check_files_exist(entries, source, self.root)
 
         if max_iters:
@@ -258,6 +258,12 @@ class _SegmentationSet(data.Dataset):
                     f'they must have the same size')
             self._check_label_values(raw_label, entry['label'])
         return image, raw_label, entry['name']
+
+    def check_sample(self, index):
+        """Read sample `index` as training or evaluation would (without transforming it): raises DataError naming
+        the file when its image does not decode, its label has another size or holds values illegal for the data
+        set."""
+        self._read(index)
 
     def _check_label_values(self, raw_label, path):
         # Fast path: one reduction; the mask only when something is above the class range.
@@ -504,7 +510,8 @@ CLASSES_FILE = 'classes.txt'
 
 
 def read_class_names(root):
-    """The class names of a folder data set: the non-empty lines of `root/classes.txt`, in class-id order."""
+    """The class names of a folder data set: the lines of `root/classes.txt`, in class-id order (a blank line is
+    refused)."""
     root = os.fspath(root)
     if not os.path.isdir(root):
         raise DataError(f'data root {root} does not exist (or is not a folder); pass the folder of your data '
@@ -514,10 +521,18 @@ def read_class_names(root):
         raise DataError(f'{path} is missing: a folder data set (--dataset folder) names its classes there, '
                         'one a line, class id 0 first')
     try:
-        with open(path, encoding='utf-8') as handle:
-            names = [line.strip() for line in handle if line.strip()]
+        with open(path, encoding='utf-8-sig') as handle:  # -sig: a byte-order mark is not part of the first name
+            lines = [line.strip() for line in handle.read().splitlines()]
     except (OSError, UnicodeDecodeError) as error:
         raise DataError(f'cannot read {path}: {error}') from None
+    while lines and not lines[-1]:  # blank lines at the end name no class
+        lines.pop()
+    # a blank line inside would shift the ids of every class after it (line k is class k - 1)
+    blank = next((number for number, name in enumerate(lines, 1) if not name), None)
+    if blank is not None:
+        raise DataError(f'line {blank} of {path} is blank: every line names one class (line k is class id k - 1); '
+                        'remove the blank line, or name the class')
+    names = lines
     if not names:
         raise DataError(f'{path} names no class: write one class name a line, class id 0 first')
     if len(names) > 255:

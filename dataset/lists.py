@@ -46,12 +46,19 @@ TEST_IMAGE_FOLDERS = {
 }
 
 
-def layout_hint(key, split):
-    """Where scanning looks for the samples of a split, for error messages."""
+def layout_hint(key, split, labelled=True):
+    """Where scanning looks for the samples of a split, for error messages (the images alone for an unlabelled
+    split)."""
     folder = _SPLIT_FOLDERS.get(key, {}).get(split, split)
     if split == 'test' and key in ('ade20k', 'coco'):
         places = ', '.join(f'{folder}/*.jpg' for folder in TEST_IMAGE_FOLDERS[key])
         return f'*.jpg directly under the test root, or under the data set root in {places}'
+    if not labelled:
+        return {
+            'citys': f'leftImg8bit/{folder}/<city>/*_leftImg8bit.png',
+            'camvid': f'{folder}/<name>.png',
+            'folder': f'images/{folder}/<name>.jpg|png',
+        }.get(key, layout_hint(key, split))
     return {
         'citys': f'leftImg8bit/{folder}/<city>/*_leftImg8bit.png with gtFine/{folder}/<city>/*_gtFine_labelIds.png',
         'voc': f'SegmentationClassAug/<id>.png with JPEGImages/<id>.jpg, split by {VOC_ID_FILES["val"]}'
@@ -97,7 +104,8 @@ def _is_image_path(token):
 def read_list(key, root, list_path, split, labelled=True):
     """[(image path, label path or None)] under root, from a list file."""
     try:
-        with open(list_path, encoding='utf-8') as handle:
+        # utf-8-sig: a byte-order mark, which some editors write, is not part of the first path
+        with open(list_path, encoding='utf-8-sig') as handle:
             lines = handle.read().splitlines()
     except (OSError, UnicodeDecodeError) as error:
         raise DataError(f'cannot read list file {list_path}: {error}') from None
@@ -171,7 +179,7 @@ def _stem(path):
 
 
 def _read_ids(path):
-    with open(path, encoding='utf-8') as handle:
+    with open(path, encoding='utf-8-sig') as handle:
         return [line.split()[0] for line in handle if line.strip()]
 
 

@@ -25,20 +25,30 @@ def make_list(dataset, root, split, out=None):
         raise UserError(f'data set {dataset} has no {split} split (--split): choose from {", ".join(info.classes)}')
     root = resolve_root(dataset, root, flag='--root', split=split)
     key = canonical_name(dataset)
-    entries = scan_layout(key, root, split, info.classes[split].labelled)
+    labelled = info.classes[split].labelled
+    entries = scan_layout(key, root, split, labelled)
     if not entries:
-        raise DataError(f'found no {split} samples under {root}: expected {layout_hint(key, split)}')
+        raise DataError(f'found no {split} samples under {root}: expected {layout_hint(key, split, labelled)}')
+    flag = '--out' if out is not None else 'the default list file; pass --out FILE to write another'
     if out is None:
         out = os.path.join(root, f'{split}.txt') if dataset == FOLDER else settings_list_path(dataset, split)
     if out is None:
         raise UserError(f'settings.py names no {split} list file for {dataset}: pass --out FILE')
-    out = os.path.abspath(out)
-    os.makedirs(os.path.dirname(out), exist_ok=True)
+    out = os.path.abspath(os.path.expanduser(out))
+    if os.path.isdir(out):
+        raise UserError(f'{out} ({flag}) is a folder: give the path of the list file to write (e.g. '
+                        f'{out}/{split}.txt)')
     # Write then rename, so an interrupted run never leaves half a list where the scripts look.
     partial = out + '.partial'
-    with open(partial, 'w', encoding='utf-8') as handle:
-        handle.write(format_list(key, root, entries))
-    os.replace(partial, out)
+    try:
+        os.makedirs(os.path.dirname(out), exist_ok=True)
+        with open(partial, 'w', encoding='utf-8') as handle:
+            handle.write(format_list(key, root, entries))
+        os.replace(partial, out)
+    except OSError as error:
+        if os.path.isfile(partial):
+            os.remove(partial)
+        raise UserError(f'cannot write the list file {out} ({flag}): {error.strerror or error}') from None
     return out, len(entries)
 
 

@@ -7,6 +7,10 @@ layout, noise), so a small network learns the classes partly and a larger one be
 a seed; fast enough to write a hundred 128x256 images in a few seconds.
 
     python -m dataset.toy --dataset citys --root DIR [--num-train N --num-val M --size H,W --seed S]
+
+The file names are those of the real data sets (`aachen_000000_000019_leftImg8bit.png`), so a root pointed at real
+data by mistake would lose its files: nothing is written when a file it would write already exists and is not one
+it wrote itself (those are listed in TOY_LIST in the root).
 """
 import argparse
 import os
@@ -19,7 +23,11 @@ from PIL import Image
 from dataset import DATASET_ALIASES, canonical_name
 from dataset.class_names import ADE20K_CLASSES, CAMVID_CLASSES, COCO_STUFF_CLASSES
 from utils.errors import UserError, run_main
+from utils.options import non_negative_int
 from utils.palette import bit_colormap
+
+# The files the generator wrote under a root, one relative path a line: only these may be written over.
+TOY_LIST = '.toy_files.txt'
 
 # Scene classes of the generator (indices into the tables below).
 SKY, ROAD, SIDEWALK, BUILDING, VEGETATION, CAR, PERSON, POLE, TERRAIN, VOID = range(10)
@@ -224,9 +232,13 @@ def make_toy_dataset(dataset, root, num_train=20, num_val=10, size=(128, 256), s
         raise UserError(f'toy image size {height}x{width} is too small (--size H,W, at least 8,8)')
     if num_test and dataset not in _TEST_SPLITS:
         raise UserError(f'test images (--num-test) exist only for {" and ".join(_TEST_SPLITS)}')
-    root = pathlib.Path(root)
-    palette = bit_colormap(256).reshape(-1).tolist() if dataset == 'voc' else None
     counts = {'train': num_train, 'val': num_val, 'test': num_test}
+    for split, count in counts.items():
+        if int(count) < 0:
+            raise UserError(f'{count} {split} images: the number of images (--num-{split}) cannot be negative')
+    root = pathlib.Path(root)
+    _check_nothing_replaced(root, _written_files(dataset, counts))
+    palette = bit_colormap(256).reshape(-1).tolist() if dataset == 'voc' else None
     for split, count in counts.items():
         for index in range(count):
             rng = np.random.default_rng([seed, _SPLIT_CODES[split], index])
@@ -258,6 +270,32 @@ def make_toy_dataset(dataset, root, num_train=20, num_val=10, size=(128, 256), s
     return root
 
 
+def _written_files(dataset, counts):
+    """The paths (relative to the root) that make_toy_dataset writes for these counts."""
+    paths = []
+    for split, count in counts.items():
+        for index in range(count):
+            image, label = _sample_paths(dataset, split, index)
+            paths += [image] if split == 'test' and dataset == 'citys' else [image, label]
+    if dataset == 'voc':
+        paths.append('ImageSets/Segmentation/val.txt')
+    return paths
+
+
+def _check_nothing_replaced(root, paths, shown=3):
+    """Refuse to write over a file this generator did not write (the root may hold real data), then record `paths`
+    as its own in the root's TOY_LIST."""
+    record = root / TOY_LIST
+    own = set(record.read_text(encoding='utf-8').splitlines()) if record.is_file() else set()
+    foreign = [path for path in paths if path not in own and (root / path).exists()]
+    if foreign:
+        listed = ', '.join(foreign[:shown]) + (f' and {len(foreign) - shown} more' if len(foreign) > shown else '')
+        raise UserError(f'{root} (--root) already holds {len(foreign)} file(s) that the toy data set would overwrite '
+                        f'and that it did not write ({listed}): give an empty or new folder')
+    root.mkdir(parents=True, exist_ok=True)
+    record.write_text(''.join(path + '\n' for path in sorted(own | set(paths))), encoding='utf-8')
+
+
 def _parse_size(text):
     try:
         height, width = (int(v) for v in text.replace('x', ',').split(','))
@@ -270,13 +308,15 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description='Write a small synthetic segmentation data set in the '
                                                  'real layout of a data set.')
     parser.add_argument('--dataset', default='citys', choices=sorted(RAW_LABELS) + sorted(DATASET_ALIASES))
-    parser.add_argument('--root', required=True, help='folder to write (created if needed)')
-    parser.add_argument('--num-train', type=int, default=20)
-    parser.add_argument('--num-val', type=int, default=10)
-    parser.add_argument('--num-test', type=int, default=0,
+    parser.add_argument('--root', required=True,
+                        help='folder to write (created if needed); files the generator did not write are never '
+                             'overwritten')
+    parser.add_argument('--num-train', type=non_negative_int, default=20)
+    parser.add_argument('--num-val', type=non_negative_int, default=10)
+    parser.add_argument('--num-test', type=non_negative_int, default=0,
                         help='test images: citys (no labels), camvid (labelled, test/ and testannot/)')
     parser.add_argument('--size', type=_parse_size, default=(128, 256), help='H,W (default 128,256)')
-    parser.add_argument('--seed', type=int, default=0)
+    parser.add_argument('--seed', type=non_negative_int, default=0)
     args = parser.parse_args(argv)
     try:
         root = make_toy_dataset(args.dataset, args.root, args.num_train, args.num_val, args.size, args.seed,

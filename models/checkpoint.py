@@ -68,14 +68,25 @@ def safe_load(path, error_type=None, flag='checkpoint'):
         raise error_type('cannot read %s %s: %s' % (flag, path, _load_failure(exc))) from None
 
 
+def is_resume_file(obj):
+    """Whether a loaded checkpoint is a resume file of the training loop (utils/train_state.py), which holds the
+    student's weights under 'student' beside the optimizer and the rest of the run."""
+    return isinstance(obj, Mapping) and str(obj.get('format', '')).startswith('hwd-resume') and \
+        _is_tensor_mapping(obj.get('student'))
+
+
 def read_state_dict(path):
     """The state dict stored in `path` (tensors on the CPU), without a DistributedDataParallel
     `module.` prefix. A plain state dict is the format; a dict that wraps one under 'state_dict' or
-    'model' (a training checkpoint) is accepted too. Anything else raises CheckpointError naming the
-    file; nothing in the file is executed."""
+    'model' (a training checkpoint) is accepted too, and a resume file gives its student's weights (the log says
+    so). Anything else raises CheckpointError naming the file; nothing in the file is executed."""
     obj = safe_load(path)
     state = obj
-    if isinstance(obj, Mapping) and not _is_tensor_mapping(obj):
+    if is_resume_file(obj):
+        logger.info('%s is a resume file: using the weights of its student (iteration %s)', path,
+                    obj.get('iteration', '?'))
+        state = obj['student']
+    elif isinstance(obj, Mapping) and not _is_tensor_mapping(obj):
         for wrapper in ('state_dict', 'model'):
             if _is_tensor_mapping(obj.get(wrapper)):
                 state = obj[wrapper]

@@ -71,6 +71,26 @@ _BACKBONE_BUILDERS = {
     'mobilevit_small': mobilevit.mobilevit_small,
 }
 
+# The ImageNet file of each backbone under the name its publisher gives it (the README's table of ImageNet backbone
+# files): the default of --pretrained-base is ./pretrained/<that name>, CIRKD's `<backbone>-imagenet.pth` otherwise.
+IMAGENET_FILES = {
+    'resnet18': 'resnet18-imagenet.pth', 'resnet50': 'resnet50-imagenet.pth', 'resnet101': 'resnet101-imagenet.pth',
+    'resnet18_vanilla': 'resnet18-f37072fd.pth', 'resnet34_vanilla': 'resnet34-b627a593.pth',
+    'resnet50_vanilla': 'resnet50-0676ba61.pth', 'resnet101_vanilla': 'resnet101-63fe2227.pth',
+    'resnet152_vanilla': 'resnet152-394f9c45.pth',
+    'mobile': 'mobilenetv2-imagenet.pth', 'mobilenetv2': 'mobilenetv2-imagenet.pth',
+    'mobilenetv2_ssseg': 'mobilenet_v2_batch256_imagenet_20200708-3b2dc3af.pth',
+    'mobilenetv3_small': 'mobilenet_v3_small-47085aa1.pth', 'mobilenetv3_large': 'mobilenet_v3_large-bc2c3fd3.pth',
+    'mobilevit_xx_small': 'mobilevit-xxsmall_3rdparty_in1k_20221018-77835605.pth',
+    **{variant: f'mit_b{variant[-1]}.pth' for variant in MIT_VARIANTS},
+}
+
+
+def imagenet_file(backbone):
+    """The file name of the ImageNet weights of `backbone` (see IMAGENET_FILES)."""
+    return IMAGENET_FILES.get(backbone, f'{backbone}-imagenet.pth')
+
+
 # The final classifier of each network's head (which networks a checkpoint can be is narrowed down by it).
 CLASSIFIER_KEY = {'deeplabv3': 'head.block.4.weight', 'psp': 'head.classifier.weight',
                   'upernet': 'head.conv_last.1.weight', 'upernet_lite': 'head.conv_last.1.weight',

@@ -9,6 +9,11 @@
 - plain `python script.py` runs one process without a process group.
 
 NCCL on GPUs, gloo on the CPU (`--no-cuda`, or no GPU present).
+
+When one process stops with an error the user can fix (bad data), the others must not wait in a collective
+for it and then die with a traceback of their own: `agree_on_error` is called by every process at the points
+where such errors arise (reading a batch, validation), and `PeerLost` turns a collective that failed because
+another process is gone into one line.
 """
 import os
 from dataclasses import dataclass
@@ -16,14 +21,15 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from utils.errors import UserError
+from utils.errors import PeerStopped, RelayedError, StopCommand, UserError
 
 
 def add_launcher_args(parser):
     """The device flags of the original scripts, plus both spellings of the launcher's local rank."""
     group = parser.add_argument_group('device and launcher')
-    group.add_argument('--gpu-id', type=str, default='0',
-                       help='GPU ids to use, comma separated (one process per GPU when distributed)')
+    group.add_argument('--gpu-id', type=str, default=None,
+                       help='GPU ids to use, comma separated (one process per GPU when distributed; default: the '
+                            "process's local rank, GPU 0 in one process)")
     group.add_argument('--no-cuda', action='store_true', default=False,
                        help='run on the CPU (gloo backend when distributed)')
     group.add_argument('--local_rank', '--local-rank', dest='local_rank', type=int, default=None,
@@ -79,7 +85,8 @@ def init_distributed(args):
     distributed = world_size > 1
 
     if use_cuda:
-        gpu_ids = [g.strip() for g in str(getattr(args, 'gpu_id', '0')).split(',') if g.strip() != '']
+        gpu_id = getattr(args, 'gpu_id', None)
+        gpu_ids = [g.strip() for g in ('' if gpu_id is None else str(gpu_id)).split(',') if g.strip() != '']
         try:
             gpu_ids = [int(g) for g in gpu_ids]
         except ValueError:
@@ -91,8 +98,9 @@ def init_distributed(args):
         else:
             index = gpu_ids[0]
         if index >= count:
-            raise UserError(f'GPU {index} was asked for (--gpu-id {args.gpu_id}, local rank {local_rank}) '
-                            f'but this machine has {count} GPU(s)')
+            asked = f'--gpu-id {gpu_id}, ' if gpu_id is not None else ''
+            raise UserError(f'GPU {index} was asked for ({asked}local rank {local_rank}) but this machine has '
+                            f'{count} GPU(s)')
         torch.cuda.set_device(index)
         device = torch.device('cuda', index)
         backend = 'nccl'
@@ -118,6 +126,14 @@ def init_distributed(args):
     for key in ('rank', 'world_size', 'local_rank', 'distributed', 'device'):
         setattr(args, key, getattr(ctx, key))
     return ctx
+
+
+def cpu_fallback_warning(args, device):
+    """The warning for a run given --gpu-id that runs on the CPU because no GPU is available, or None."""
+    if getattr(args, 'gpu_id', None) is None or device.type == 'cuda' or getattr(args, 'no_cuda', False):
+        return None
+    return (f'--gpu-id {args.gpu_id}: no GPU is available here (torch.cuda.is_available() is False); the run uses '
+            'the CPU')
 
 
 def is_dist():
@@ -186,6 +202,65 @@ def all_reduce_max(value):
         tensor = tensor.cuda()
     dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
     return float(tensor.item())
+
+
+def _flag_device(group):
+    """The device of a collective's tensors: the GPU for NCCL, the CPU for gloo."""
+    backend = dist.get_backend(group)
+    return torch.device('cuda', torch.cuda.current_device()) if backend == 'nccl' else torch.device('cpu')
+
+
+def any_process(flag, group=None):
+    """Whether `flag` is true on any process (every process must call it; `flag` itself in one process)."""
+    if not is_dist():
+        return bool(flag)
+    tensor = torch.tensor([int(bool(flag))], dtype=torch.int32, device=_flag_device(group))
+    dist.all_reduce(tensor, op=dist.ReduceOp.MAX, group=group)
+    return bool(tensor.item())
+
+
+def agree_on_error(error, group=None, failed=None):
+    """Called by every process at the same point with the StopCommand it met there, or None. When any process met
+    one, every process raises: rank 0 its own error, or else the first failing process's message (RelayedError:
+    printed once, by rank 0), and the other ranks PeerStopped (silent), all with the same exit status.
+
+    `failed`: whether any process failed, when the caller has already reduced it (one collective less)."""
+    if not is_dist():
+        if error is not None:
+            raise error
+        return
+    if failed is None:
+        failed = any_process(error is not None, group)
+    if not failed:
+        return
+    mine = None if error is None else (error.describe(), error.exit_status)
+    reports = [None] * dist.get_world_size(group)
+    dist.all_gather_object(reports, mine, group=group)
+    text, status = next(report for report in reports if report is not None)
+    if dist.get_rank() != 0:
+        raise PeerStopped(status)
+    if error is not None:
+        raise error
+    raise RelayedError(text, status)
+
+
+# What a collective raises when a process it waits for has gone (gloo's wording; NCCL's arrive as DistError).
+_LOST_PEER_MARKERS = ('Connection closed by peer', 'Connection reset by peer', 'Broken pipe')
+
+
+def is_lost_peer(error):
+    """Whether `error` is a collective failing because another process of the run is gone."""
+    if isinstance(error, dist.DistError):
+        return True
+    return isinstance(error, RuntimeError) and any(marker in str(error) for marker in _LOST_PEER_MARKERS)
+
+
+class PeerLost(StopCommand):
+    """A collective failed because another process stopped (its own message says why): one line, no traceback."""
+
+    def __init__(self, rank):
+        super().__init__(f'error: process {rank} stops: another process of the run has stopped (its messages '
+                         'say why)')
 
 
 def broadcast_object(obj, src=0):

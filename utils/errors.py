@@ -4,11 +4,19 @@
   combination that makes no sense). Printed as `error: <what to fix>`, exit status 2 (argparse's status
   for a bad command line). Its message must name the file, flag or setting to change.
 - `StopCommand`: the base of every such ending; a subclass sets its exit status and the printed text
-  (the training loop's SIGTERM stop exits with 143, as a shell reports a process ended by SIGTERM).
+  (the training loop's stop on SIGTERM exits with 143 and on SIGINT with 130, as a shell reports a process
+  ended by that signal).
+- `PeerStopped`: another process of a distributed run met the error and prints it; this one ends with the
+  same exit status and prints nothing, so a failing run shows one message, not one per process.
 
-`run_main(main, argv)` is the top level of every command of the repository.
+`run_main(main, argv)` is the top level of every command of the repository; Ctrl-C outside the training loop
+(which saves and stops on its own) ends a command with one line and exit status 130, without a traceback.
 """
+import signal
 import sys
+
+# The exit status of a command interrupted by Ctrl-C (128 + SIGINT, as a shell reports it).
+EXIT_INTERRUPTED = 128 + signal.SIGINT
 
 
 class StopCommand(Exception):
@@ -18,6 +26,25 @@ class StopCommand(Exception):
 
     def describe(self):
         return str(self)
+
+
+class PeerStopped(StopCommand):
+    """Another process of the run stopped with an error that it prints; this process stops too, silently."""
+
+    def __init__(self, exit_status):
+        super().__init__('')
+        self.exit_status = exit_status
+
+    def describe(self):
+        return ''
+
+
+class RelayedError(StopCommand):
+    """The error another process met, printed by rank 0 in its place (`text` is the line to print)."""
+
+    def __init__(self, text, exit_status):
+        super().__init__(text)
+        self.exit_status = exit_status
 
 
 class UserError(StopCommand):
@@ -45,10 +72,17 @@ def user_message(error):
 
 
 def run_main(main, argv=None, stderr=None):
-    """Run `main(argv)`; a StopCommand prints its message on stderr and gives its exit status, else 0."""
+    """Run `main(argv)`; a StopCommand prints its message (if any) on stderr and gives its exit status, Ctrl-C
+    gives 130, else 0."""
+    stderr = stderr or sys.stderr
     try:
         main(argv)
     except StopCommand as stop:
-        print(stop.describe(), file=stderr or sys.stderr)
+        text = stop.describe()
+        if text:
+            print(text, file=stderr)
         return stop.exit_status
+    except KeyboardInterrupt:
+        print('interrupted (Ctrl-C)', file=stderr)
+        return EXIT_INTERRUPTED
     return 0

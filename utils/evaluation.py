@@ -5,7 +5,8 @@
   depend on the number of processes;
 - `predict`: multi-scale and horizontally flipped inference, as the original's eval.py, logits at the
   image's full size;
-- `evaluate`: runs `predict` over a loader and returns the confusion matrix summed over processes.
+- `evaluate`: runs `predict` over a loader and returns the confusion matrix summed over processes; an error
+  one process meets in its share (bad data) stops every process with one message (`agree_on_error`).
 """
 import math
 
@@ -14,7 +15,8 @@ import torch.nn.functional as F
 from torch.utils.data import Sampler
 from tqdm import tqdm
 
-from utils.distributed import get_rank, get_world_size
+from utils.distributed import agree_on_error, get_rank, get_world_size
+from utils.errors import StopCommand
 from utils.metric import ConfusionMatrix
 
 
@@ -127,6 +129,7 @@ def evaluate(model, loader, num_class, device, scales=(1.0,), flip=False, progre
     batches = loader
     if progress:
         batches = tqdm(loader, desc='eval', dynamic_ncols=True)
+    error = None
     try:
         for position, batch in enumerate(batches):
             image, label, names = split_batch(batch)
@@ -139,6 +142,9 @@ def evaluate(model, loader, num_class, device, scales=(1.0,), flip=False, progre
                 matrix.update(pred, label)
             if on_prediction is not None:
                 on_prediction(position, image, label, pred.cpu(), names)
+    except StopCommand as stop:  # the other processes are about to wait for this one in the reduction
+        error = stop
     finally:
         net.train(was_training)
+    agree_on_error(error)
     return matrix.reduce_from_all_processes()

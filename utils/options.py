@@ -4,14 +4,15 @@ The flag names and defaults are those of the original HWD/CIRKD scripts, so that
 keep working. Every check that can be made before any work is done here and reported through
 `parser.error` (exit status 2, with the usage line): malformed sizes, non-positive counts and rates,
 flag combinations that make no sense, a batch that does not split over the processes, a checkpoint
-trained for another number of classes.
+trained for another number of classes, output folders that cannot be written, a crop whose batch alone would not
+fit in memory.
 """
 import argparse
 import os
 
 from dataset import DATASETS, FOLDER, check_ignore_label, dataset_info
 from models.checkpoint import classifier_rows, no_file, read_state_dict
-from models.model_zoo import check_model_name, default_head_width, has_variable_width
+from models.model_zoo import check_model_name, default_head_width, has_variable_width, imagenet_file
 from utils.distributed import add_launcher_args, launcher_environment
 from utils.errors import UserError
 from utils.optim import OPTIMIZERS, SGD_MOMENTUM
@@ -19,6 +20,10 @@ from utils.optim import OPTIMIZERS, SGD_MOMENTUM
 # Where --save-dir / --log-dir point when they are not given (the original's defaults).
 DEFAULT_SAVE_DIR = './ckpt'
 DEFAULT_LOG_DIR = './logs/'
+# Where the default --pretrained-base of a backbone lies: its ImageNet file (models.model_zoo.IMAGENET_FILES) here.
+PRETRAINED_FOLDER = './pretrained'
+# Bytes of one training pixel in a batch before any network runs: the float32 BGR image and the int64 label.
+BATCH_BYTES_PER_PIXEL = 3 * 4 + 8
 
 
 # ---------------------------------------------------------------- argparse value types
@@ -83,6 +88,13 @@ def non_negative_float(text):
     return value
 
 
+def momentum(text):
+    value = finite_float(text)
+    if not 0 <= value < 1:
+        raise argparse.ArgumentTypeError(f'{value} must be in [0, 1) (SGD momentum; the default is {SGD_MOMENTUM})')
+    return value
+
+
 def probability(text):
     value = finite_float(text)
     if not 0 <= value <= 1:
@@ -120,7 +132,7 @@ def add_optimization_args(parser):
                             'eps; the recipe of SegFormer and MobileViT students)')
     group.add_argument('--lr', type=positive_float, default=0.01, metavar='LR',
                        help='initial learning rate of the poly schedule (default: 0.01)')
-    group.add_argument('--momentum', type=non_negative_float, default=None, metavar='M',
+    group.add_argument('--momentum', type=momentum, default=None, metavar='M',
                        help=f'SGD momentum (default: {SGD_MOMENTUM}; AdamW has none)')
     group.add_argument('--weight-decay', type=non_negative_float, default=1e-4, metavar='W',
                        help='weight decay (default: 1e-4; AdamW decoupled)')
@@ -152,6 +164,10 @@ def add_checkpoint_args(parser):
     group.add_argument('--resume', type=str, default=None, metavar='PATH|auto',
                        help="continue from a resume file; 'auto' = the run's own resume file in --save-dir "
                             "(starts fresh when there is none)")
+    group.add_argument('--overwrite', action='store_true', default=False,
+                       help='replace the files of an earlier run of the same method, networks and data set in '
+                            '--save-dir / --log-dir (they are removed at the start); without it such a run is '
+                            'refused')
     return group
 
 
@@ -165,8 +181,9 @@ def add_model_args(parser):
     group = parser.add_argument_group('network')
     group.add_argument('--model', type=str, default='deeplabv3', help='segmentation network')
     group.add_argument('--backbone', type=str, default='resnet18', help='backbone of the network')
-    group.add_argument('--pretrained-base', type=str, default='./pretrained/resnet18-imagenet.pth',
-                       help="ImageNet backbone checkpoint ('None': random initialisation)")
+    group.add_argument('--pretrained-base', type=str, default=None,
+                       help="ImageNet backbone checkpoint ('None': random initialisation; default: the backbone's "
+                            f'file in {PRETRAINED_FOLDER}/, e.g. resnet18-imagenet.pth)')
     group.add_argument('--pretrained', type=str, default='None',
                        help="whole-network checkpoint to start from ('None': none)")
     group.add_argument('--head-width', type=positive_int, default=None, metavar='C',
@@ -186,8 +203,9 @@ def add_teacher_student_args(parser):
                        help='accepted for compatibility; the teacher is loaded from --teacher-pretrained')
     group.add_argument('--student-model', type=str, default='deeplabv3', help='student network')
     group.add_argument('--student-backbone', type=str, default='resnet18', help='student backbone')
-    group.add_argument('--student-pretrained-base', type=str, default='./pretrained/resnet18-imagenet.pth',
-                       help="ImageNet backbone checkpoint of the student ('None': random initialisation)")
+    group.add_argument('--student-pretrained-base', type=str, default=None,
+                       help="ImageNet backbone checkpoint of the student ('None': random initialisation; default: "
+                            f"the backbone's file in {PRETRAINED_FOLDER}/, e.g. resnet18-imagenet.pth)")
     group.add_argument('--student-pretrained', type=str, default='None',
                        help="whole-network checkpoint to start the student from ('None': none)")
     group.add_argument('--student-head-width', dest='head_width', type=positive_int, default=None, metavar='C',
@@ -244,6 +262,43 @@ def world_size_from_env():
         return 1
 
 
+def check_output_folder(path, flag):
+    """A UserError naming `flag` unless `path` is a folder this user can write, or can be created as one (nothing
+    is created here)."""
+    path = os.path.abspath(os.path.expanduser(os.fspath(path)))
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise UserError(f'{flag} {path} is a file, not a folder: give a folder (it is created when missing)')
+    existing = path
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise UserError(f'{flag} {path}: {existing} is a file, so the folder cannot be created there')
+    if not os.access(existing, os.W_OK | os.X_OK):
+        what = 'is not writable' if existing == path else f'cannot be created ({existing} is not writable)'
+        raise UserError(f'{flag} {path} {what} by this user: give a folder you can write to')
+
+
+def physical_memory_bytes():
+    """This machine's memory, or None where the system does not say."""
+    try:
+        return os.sysconf('SC_PHYS_PAGES') * os.sysconf('SC_PAGE_SIZE')
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def _check_crop_fits(parser, args, world_size):
+    """Refuse a crop whose micro-batch alone (image and label, before any network) exceeds the machine's memory:
+    it could only end in an allocation failure, or in the system killing the process."""
+    height, width = args.crop_size
+    micro_batch = args.batch_size // (world_size * args.grad_accum)
+    needed = micro_batch * height * width * BATCH_BYTES_PER_PIXEL
+    memory = physical_memory_bytes()
+    if memory is not None and needed > memory:
+        parser.error(f'--crop-size {height},{width}: a micro-batch of {micro_batch} such crops alone needs '
+                     f'{needed / 2 ** 30:.0f} GiB, more than the {memory / 2 ** 30:.0f} GiB of this machine (the '
+                     'network needs many times more): use a smaller --crop-size (the paper: 512,512)')
+
+
 def _check_network(parser, model, backbone, model_flag, backbone_flag):
     try:
         check_model_name(model, backbone, model_flag, backbone_flag)
@@ -280,6 +335,9 @@ def validate_args(parser, args, default_dir=None):
     if args.resume is not None and args.resume != 'auto' and not os.path.isfile(args.resume):
         parser.error(f"--resume {args.resume}: no such file (use --resume auto to pick the run's own "
                      'resume file in --save-dir)')
+    if args.resume is not None and args.overwrite:
+        parser.error('--overwrite starts the run afresh over the earlier one and --resume continues it: give one')
+    _check_crop_fits(parser, args, world_size)
     if args.dataset == FOLDER and args.data is None:
         parser.error('--dataset folder needs --data DIR, the folder holding classes.txt, images/ and labels/')
     if args.optimizer == 'sgd' and args.momentum is None:
@@ -288,16 +346,29 @@ def validate_args(parser, args, default_dir=None):
         parser.error(f'--momentum is for --optimizer sgd; {args.optimizer} uses its own betas (drop --momentum)')
     args.save_dir = args.save_dir if args.save_dir is not None else (default_dir or DEFAULT_SAVE_DIR)
     args.log_dir = args.log_dir if args.log_dir is not None else (default_dir or DEFAULT_LOG_DIR)
+    for folder, flag in ((args.save_dir, '--save-dir'), (args.log_dir, '--log-dir')):
+        try:
+            check_output_folder(folder, flag)
+        except UserError as error:
+            parser.error(str(error))
 
-    model, backbone, pretrained_base, pretrained = student_names(args)
     distillation = is_distillation(args)
     base_flag = '--student-pretrained-base' if distillation else '--pretrained-base'
-    if not no_file(pretrained_base) and no_file(pretrained) \
-            and not os.path.isfile(pretrained_base):
-        parser.error(f'{base_flag} {pretrained_base}: no such file (download the ImageNet backbone, or pass '
-                     f'{base_flag} None to start from random weights)')
+    base_dest = 'student_pretrained_base' if distillation else 'pretrained_base'
+    default_base = getattr(args, base_dest) is None
+    if default_base:  # the ImageNet file of the backbone asked for
+        backbone = args.student_backbone if distillation else args.backbone
+        setattr(args, base_dest, os.path.join(PRETRAINED_FOLDER, imagenet_file(backbone)))
+    model, backbone, pretrained_base, pretrained = student_names(args)
     _check_network(parser, model, backbone, '--student-model' if distillation else '--model',
                    '--student-backbone' if distillation else '--backbone')
+    if not no_file(pretrained_base) and no_file(pretrained) \
+            and not os.path.isfile(pretrained_base):
+        origin = (f"the default for {'--student-backbone' if distillation else '--backbone'} {backbone}; "
+                  if default_base else '')
+        parser.error(f'{base_flag} {pretrained_base}: no such file ({origin}download the ImageNet backbone (the '
+                     f"README's table of ImageNet backbone files), or pass {base_flag} None to start from random "
+                     'weights)')
     if args.head_width is not None and not has_variable_width(model):
         parser.error(f'{"--student-head-width" if distillation else "--head-width"} {args.head_width}: the head of '
                      f'{model} has one width ({default_head_width(model, backbone)}); only deeplabv3 and psp on a '

@@ -19,7 +19,7 @@ FLAGS_SUFFIX = '_flags.json'
 # resume, and runs of a sweep that differ only in these (and --seed) are seeds of one setting.
 EXECUTION_FLAGS = frozenset({
     'workers', 'gpu_id', 'no_cuda', 'local_rank', 'save_dir', 'log_dir', 'log_iter', 'save_per_iters',
-    'val_per_iters', 'skip_val', 'resume', 'data', 'rank', 'world_size', 'distributed', 'device'})
+    'val_per_iters', 'skip_val', 'resume', 'overwrite', 'data', 'rank', 'world_size', 'distributed', 'device'})
 # Checkpoint flags: a file may move to another folder, so only its name must stay the same.
 FILE_FLAGS = frozenset({
     'pretrained', 'pretrained_base', 'teacher_pretrained', 'teacher_pretrained_base', 'student_pretrained',

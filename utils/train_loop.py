@@ -12,9 +12,12 @@ The rooms of the loop:
   AMP and DDP;
 - `utils/train_step.py` runs one iteration (`Stepper.step`) and keeps the loss sums (`LossMeter`);
 - `utils/train_state.py` is what is saved and restored (`RunState`);
+- `utils/run_folders.py` checks, before anything is written, that the run overwrites no other run's files, and
+  holds the run's lock;
 - this module drives them: data and loaders, the iterations, logging, validation with the teacher check,
   checkpoints and the records of the run (flags with the environment, history with the cost), exact resume,
-  SIGTERM, the non-finite loss stop.
+  SIGTERM and SIGINT (Ctrl-C), the non-finite loss stop, and errors met by one process stopping all of them
+  with one message.
 
 Every random draw is seeded from `--seed` and its place in the run (`utils.seeding`): the samples' draws
 by the sampler, and before every micro-batch torch's global generator (dropout) and the method's
@@ -40,18 +43,26 @@ from utils.checkpointing import (
     ResumeError,
     check_resume_matches,
     checkpoint_paths,
-    checkpoint_stem,
     flags_for_resume,
     load_resume_state,
 )
 from utils.cost import IterationClock, cost_record, environment, format_hours, global_peak_memory_mb
-from utils.distributed import broadcast_object, cleanup, init_distributed
+from utils.distributed import (
+    PeerLost,
+    agree_on_error,
+    broadcast_object,
+    cleanup,
+    cpu_fallback_warning,
+    init_distributed,
+    is_lost_peer,
+)
 from utils.errors import StopCommand, UserError
 from utils.evaluation import ShardSampler, evaluate
 from utils.logger import setup_logging
 from utils.metric import format_iou_table, format_summary
 from utils.options import student_names
 from utils.results import FLAGS_SUFFIX, HISTORY_SUFFIX, metrics_record, read_history, write_history, write_json
+from utils.run_folders import LOG_SUFFIX, claim_run_folders, run_stem
 from utils.samplers import IterationSampler
 from utils.seeding import derive_seed
 from utils.train_build import build_run
@@ -60,62 +71,100 @@ from utils.train_step import LossMeter
 
 logger = logging.getLogger(__name__)
 
-# Exit status after a SIGTERM: the run is not finished (128 + signal number, as a shell reports it).
+# The signals that stop a run cleanly: the resume file is written and the exit status is 128 + the signal's
+# number, as a shell reports a process ended by it (SIGTERM 143: a cluster's pre-emption; SIGINT 130: Ctrl-C).
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 EXIT_TERMINATED = 128 + signal.SIGTERM
+# A second SIGINT this long after the first aborts at once (Ctrl-C twice); one sooner is the same Ctrl-C passed on
+# by the launcher (torchrun forwards the signal it receives to its workers, which got it from the terminal too).
+SECOND_INTERRUPT_SECONDS = 1.0
 
 
 class TrainingTerminated(StopCommand):
-    """SIGTERM received: the resume file was written and the run stopped."""
+    """SIGTERM or SIGINT received: the resume file was written and the run stopped."""
 
-    exit_status = EXIT_TERMINATED
-
-    def __init__(self, iteration, resume_path):
-        super().__init__(f'stopped by SIGTERM after iteration {iteration}; resume file {resume_path}; '
+    def __init__(self, signum, iteration, resume_path):
+        name = signal.Signals(signum).name
+        super().__init__(f'stopped by {name} after iteration {iteration}; resume file {resume_path}; '
                          'continue with --resume auto')
+        self.exit_status = 128 + signum
         self.iteration = iteration
         self.resume_path = resume_path
 
 
-# ---------------------------------------------------------------- SIGTERM, agreed by all processes
+# ---------------------------------------------------------------- stop signals and errors, agreed by all processes
 
 class StopSignal:
-    """Sets a flag on SIGTERM; `poll()` tells every process the same answer at the same iteration.
+    """Notes SIGTERM and SIGINT; `poll(failed)` tells every process, at the same iteration, whether to stop and
+    whether a process failed to read its batch.
 
-    With several processes the flags are combined by an all-reduce (MAX) on a CPU gloo group, started
-    at one poll and read at the next, so the loop never waits for it and never syncs the GPU.
+    With several processes the flags are combined by one small all-reduce (MAX) per iteration on a CPU gloo group:
+    it waits only for the other processes to reach the same iteration (never for the GPU), and it must, so that a
+    process whose batch failed does not leave the others waiting in the step's collectives. A second Ctrl-C, more
+    than SECOND_INTERRUPT_SECONDS after the first, aborts at once (KeyboardInterrupt) without saving.
     """
 
-    def __init__(self, group=None, distributed=False):
-        self.requested = False
+    def __init__(self, group=None, distributed=False, announce=True):
+        self.signum = 0
+        self.received_at = 0.0
         self.group = group
         self.distributed = distributed
-        self._pending = None
-        self._buffer = None
-        self._previous = None
+        self.announce = announce
+        self._previous = {}
         if threading.current_thread() is threading.main_thread():  # signals reach the main thread only
-            self._previous = signal.signal(signal.SIGTERM, self._on_signal)
+            for signum in STOP_SIGNALS:
+                self._previous[signum] = signal.signal(signum, self._on_signal)
 
     def _on_signal(self, signum, frame):
-        self.requested = True
+        now = time.monotonic()
+        if self.signum == signal.SIGINT and signum == signal.SIGINT \
+                and now - self.received_at > SECOND_INTERRUPT_SECONDS:
+            raise KeyboardInterrupt
+        if self.signum:
+            return
+        self.signum, self.received_at = int(signum), now
+        if self.announce:
+            again = ' (Ctrl-C again to abort without saving)' if signum == signal.SIGINT else ''
+            note = (f'\n{signal.Signals(signum).name} received: the run stops at the next iteration and writes its '
+                    f'resume file{again}\n')
+            try:
+                os.write(2, note.encode())  # stderr's descriptor: safe inside a signal handler, unlike logging
+            except OSError:
+                pass
 
-    def poll(self):
+    def poll(self, failed=False):
+        """(signal number or 0, whether any process failed), the same on every process."""
         if not self.distributed:
-            return self.requested
-        agreed = False
-        if self._pending is not None:
-            self._pending.wait()
-            agreed = bool(self._buffer.item())
-        self._buffer = torch.tensor([int(self.requested)], dtype=torch.int32)
-        self._pending = dist.all_reduce(self._buffer, op=dist.ReduceOp.MAX, group=self.group, async_op=True)
-        return agreed
+            return self.signum, bool(failed)
+        flags = torch.tensor([self.signum, int(bool(failed))], dtype=torch.int32)
+        dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=self.group)
+        return int(flags[0]), bool(flags[1])
 
     def close(self):
-        if self._pending is not None:
-            self._pending.wait()
-            self._pending = None
-        if self._previous is not None:
-            signal.signal(signal.SIGTERM, self._previous)
-            self._previous = None
+        for signum, previous in self._previous.items():
+            signal.signal(signum, previous)
+        self._previous = {}
+
+
+def ignore_interrupts(worker_id):
+    """DataLoader workers ignore Ctrl-C: the terminal sends SIGINT to them too, and a worker that ended would stop
+    the training process before it reaches the agreed stop and writes its resume file."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def is_out_of_memory(error):
+    """Whether `error` is an allocation that failed (CUDA or CPU; also as re-raised from a loader worker)."""
+    if isinstance(error, (torch.OutOfMemoryError, MemoryError)):
+        return True
+    text = str(error)
+    return isinstance(error, RuntimeError) and ("can't allocate memory" in text or 'out of memory' in text.lower())
+
+
+def out_of_memory_error(args, ctx, where):
+    micro_batch = args.batch_size // (ctx.world_size * args.grad_accum)
+    height, width = args.crop_size
+    return UserError(f'out of memory while {where} ({micro_batch} crops of {height}x{width} per process and '
+                     f'micro-batch, on {ctx.device}): lower --crop-size or --batch-size, or raise --grad-accum')
 
 
 def _chunks(iterable, size):
@@ -140,10 +189,13 @@ class Trainer:
         self.device = ctx.device
         self.is_cuda = self.device.type == 'cuda'
         self.model_name, self.backbone, _, _ = student_names(args)
-        self.stem = checkpoint_stem(method_name, self.model_name, self.backbone, args.dataset)
+        self.stem = run_stem(args, method_name)
         self.paths = checkpoint_paths(args.save_dir, self.stem)
         self.writer = BackgroundWriter()
-        setup_logging(args.log_dir, ctx.rank, filename=f'{self.stem}_log.txt')
+        setup_logging(args.log_dir, ctx.rank, filename=self.stem + LOG_SUFFIX)
+        warning = cpu_fallback_warning(args, self.device)
+        if warning:
+            logger.warning(warning)
         # A CPU group for the small control messages (the stop flag), apart from NCCL.
         self.cpu_group = None
         if ctx.distributed:
@@ -206,11 +258,13 @@ class Trainer:
         sampler = IterationSampler(len(self.train_set), args.max_iterations, args.batch_size, rank=ctx.rank,
                                    world_size=ctx.world_size, seed=args.seed, start_iteration=self.state.iteration)
         self.train_loader = DataLoader(self.train_set, batch_size=micro_batch, sampler=sampler,
-                                       num_workers=args.workers, pin_memory=self.is_cuda, drop_last=False)
+                                       num_workers=args.workers, pin_memory=self.is_cuda, drop_last=False,
+                                       worker_init_fn=ignore_interrupts)
         self.val_loader = None
         if self.val_set is not None:
             self.val_loader = DataLoader(self.val_set, batch_size=1, sampler=ShardSampler(self.val_set),
-                                         num_workers=args.workers, pin_memory=self.is_cuda)
+                                         num_workers=args.workers, pin_memory=self.is_cuda,
+                                         worker_init_fn=ignore_interrupts)
 
     # ---------------------------------------------------------------- records and saving
 
@@ -348,7 +402,7 @@ class Trainer:
         logger.info(f'Start training, Total Iterations {max_iterations:d}'
                     + (f', from iteration {self.start_iteration + 1}' if self.start_iteration else ''))
         meter = LossMeter(self.device)
-        stop = StopSignal(self.cpu_group, ctx.distributed)
+        stop = StopSignal(self.cpu_group, ctx.distributed, announce=ctx.is_main)
         progress = None
         redirect = contextlib.nullcontext()
         if ctx.is_main and sys.stdout.isatty():
@@ -395,19 +449,44 @@ class Trainer:
         if not args.skip_val and self.state.has_best:
             logger.info('Best validation mIoU: {:.3f}'.format(self.state.best_miou * 100))
 
+    def _next_batches(self, batches):
+        """(the next iteration's micro-batches or None at the end, the StopCommand met while reading them or None)."""
+        try:
+            return next(batches, None), None
+        except StopCommand as error:  # bad data: a corrupt image, a label that does not fit
+            return None, error
+        except (RuntimeError, MemoryError) as error:
+            if not is_out_of_memory(error):
+                raise
+            return None, out_of_memory_error(self.args, self.ctx, 'reading a batch')
+
     def _iterate(self, meter, stop, progress):
         max_iterations = self.args.max_iterations
         iteration = self.start_iteration
         batches = _chunks(self.train_loader, self.args.grad_accum)
-        for iteration, micro_batches in enumerate(batches, start=self.start_iteration + 1):
-            if stop.poll():
+        while True:
+            micro_batches, error = self._next_batches(batches)
+            # one agreement per iteration: a process that could not read its batch stops every process here
+            # (before the step's collectives), and a signal stops all of them at the same iteration
+            signum, failed = stop.poll(failed=error is not None)
+            if failed:
+                agree_on_error(error, self.cpu_group, failed=True)
+            if micro_batches is None:
+                break
+            iteration += 1
+            if signum:
                 meter.check()
                 self.state.iteration = iteration - 1
                 self._save(is_best=False, wait=True)
-                logger.info(f'SIGTERM: saved the resume file at iteration {iteration - 1}; '
+                logger.info(f'{signal.Signals(signum).name}: saved the resume file at iteration {iteration - 1}; '
                             'stopping (continue with --resume auto)')
-                raise TrainingTerminated(iteration - 1, self.paths['resume'])
-            meter.add(self.built.stepper.step(micro_batches, iteration), iteration)
+                raise TrainingTerminated(signum, iteration - 1, self.paths['resume'])
+            try:
+                meter.add(self.built.stepper.step(micro_batches, iteration), iteration)
+            except (RuntimeError, MemoryError) as failure:
+                if not is_out_of_memory(failure):
+                    raise
+                raise out_of_memory_error(self.args, self.ctx, f'training iteration {iteration}') from None
             self.clock.count()
             if progress is not None:
                 progress.update(1)
@@ -438,10 +517,24 @@ class Trainer:
 
 
 def run_training(args, method_name, build_method=None):
-    """Set up the processes, train, clean up; returns the trained student (unwrapped) of this process."""
+    """Set up the processes, claim the run's folders, train, clean up; returns the trained student (unwrapped) of
+    this process."""
     ctx = init_distributed(args)
+    lock = None
     try:
+        lock = claim_run_folders(args, method_name, ctx)
         trainer = Trainer(args, method_name, build_method, ctx)
+        if lock is not None:  # now that the log is set up
+            for warning in lock.warnings:
+                logger.warning(warning)
+            if lock.removed:
+                logger.info('--overwrite: removed the files of the earlier run: ' + ', '.join(lock.removed))
         return trainer.train()
+    except Exception as error:
+        if ctx.distributed and is_lost_peer(error):
+            raise PeerLost(ctx.rank) from None
+        raise
     finally:
+        if lock is not None:
+            lock.release()
         cleanup()
