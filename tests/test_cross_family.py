@@ -89,10 +89,13 @@ def test_every_method_distils_across_families(setup, tmp_path, index, script):
     assert all(math.isfinite(v) for v in record['losses'].values())
     assert 'teacher' in record and record['seconds_per_iteration'] > 0
     resume = load(tmp_path / 'ckpt' / f'{stem}_resume.pth')
-    # modules that map the student's features to the teacher's are sized from the networks
+    # modules that map the student's features (Af-DCD: last stages) to the teacher's are sized from the networks
+    widths = ((t_spec.stage_channels[-1], s_spec.stage_channels[-1]) if script.method == 'afdcd'
+              else (t_spec.feature_channels, s_spec.feature_channels))
     for key, value in resume['method_state'].items():
-        if key in ('adapter.0.weight', 'criterion.align.weight', 'memory.project_head.0.weight'):
-            assert tuple(value.shape[:2]) == (t_spec.feature_channels, s_spec.feature_channels), key
+        if key in ('adapter.0.weight', 'criterion.align.weight', 'memory.project_head.0.weight',
+                   'fitnet.conv.weight', 'channel.project_head.0.weight'):
+            assert tuple(value.shape[:2]) == widths, key
     if student == SEGFORMER:
         # the trained student is read back by eval.py
         out = tmp_path / 'eval'
