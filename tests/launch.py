@@ -64,6 +64,46 @@ def run_ranks(cmd, cwd, nproc=2, timeout=TIMEOUT, **env):
     return subprocess.CompletedProcess(cmd, status, ''.join(o for o, _ in outputs), ''.join(e for _, e in outputs))
 
 
+def fork_ranks(target, nproc=2, timeout=TIMEOUT):
+    """`target()` in `nproc` processes forked from this one, each with the environment torchrun gives its workers
+    and one thread (as OMP_NUM_THREADS=1 in the launched runs): a two-process run without the seconds each new
+    interpreter spends importing torch. Returns the exit statuses (a SystemExit's code; 1 for an exception,
+    whose traceback goes to stderr)."""
+    import multiprocessing
+    port = str(free_port())
+    context = multiprocessing.get_context('fork')
+    procs = [context.Process(target=_forked_rank, args=(target, rank, nproc, port)) for rank in range(nproc)]
+    for proc in procs:
+        proc.start()
+    deadline = time.time() + timeout
+    for proc in procs:
+        proc.join(max(deadline - time.time(), 1))
+        if proc.is_alive():
+            proc.kill()
+            proc.join()
+    return [proc.exitcode for proc in procs]
+
+
+def _forked_rank(target, rank, nproc, port):
+    import traceback
+    for key in ('TORCHELASTIC_RUN_ID', 'GROUP_RANK'):
+        os.environ.pop(key, None)
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(nproc), LOCAL_WORLD_SIZE=str(nproc),
+                      MASTER_ADDR='127.0.0.1', MASTER_PORT=port)
+    torch.set_num_threads(1)
+    status = 0
+    try:
+        target()
+    except SystemExit as stop:
+        status = stop.code if isinstance(stop.code, int) else 1
+    except BaseException:  # noqa: BLE001 - a rank's failure becomes its exit status
+        traceback.print_exc()
+        status = 1
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(status)  # not the parent's clean-up (pytest's, the loggers')
+
+
 def must_succeed(proc):
     assert proc.returncode == 0, (f'exit {proc.returncode}\nSTDOUT:\n{proc.stdout[-4000:]}\n'
                                   f'STDERR:\n{proc.stderr[-4000:]}')

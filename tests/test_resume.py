@@ -17,7 +17,20 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from launch import PYTHON, REPO, assert_same_tensors, common, load, log_lines, must_succeed, run_ranks, script
+from launch import (
+    PYTHON,
+    REPO,
+    assert_same_tensors,
+    common,
+    fork_ranks,
+    load,
+    log_lines,
+    must_succeed,
+    run_ranks,
+    script,
+)
+
+from utils.scripts import training_scripts
 
 pytestmark = pytest.mark.slow
 
@@ -55,6 +68,30 @@ def setup(toy_root, tmp_path_factory):
         runpy.run_path(script, run_name='__main__')
     '''))
     return {'data': root, 'teacher': str(teacher), 'killer': str(killer)}
+
+
+def forked_main(name, argv, kill_at=None):
+    """The target of a forked rank: the script's main; with `kill_at`, the process ends (status 9) right after
+    the resume file of that iteration is on disk, once every process has written its part."""
+    def target():
+        import importlib
+
+        import torch.distributed as dist
+
+        from utils import train_loop
+        if kill_at is not None:
+            original = train_loop.Trainer._save
+
+            def _save(self, is_best, wait=False):
+                kill = self.state.iteration == kill_at
+                original(self, is_best, wait=wait or kill)
+                if kill:
+                    if dist.is_initialized():
+                        dist.barrier()
+                    os._exit(9)
+            train_loop.Trainer._save = _save
+        importlib.import_module(f'train_{name}').main(argv)
+    return target
 
 
 class Killed(BaseException):
@@ -107,19 +144,24 @@ def run_files(folder, name):
 
 
 RESUME_CASES = [
-    # name, processes, extra flags (MGD: a method with a module trained with the student and a random generator;
-    # the baseline's loop is a part of it)
-    ('mgd', 1, ['--batch-size', '4', '--grad-accum', '2']),  # resume stays exact with accumulation
-    ('mgd', 2, ['--batch-size', '4']),
+    # name, processes, extra flags, the iteration killed after (the run has twice as many; MGD: a method with a
+    # module trained with the student and a random generator; the baseline's loop is a part of it)
+    ('mgd', 1, ['--batch-size', '4', '--grad-accum', '2'], KILL_AT),  # resume stays exact with accumulation
+    ('mgd', 2, ['--batch-size', '4'], KILL_AT),
+    # CIRKDv2: the GCN, FitNet and projection heads trained with the student, pixel and channel memories with
+    # their shared generators; Af-DCD: the mask generator and the clipped loss module, at its smallest crop
+    ('cirkdv2', 2, ['--batch-size', '4', *training_scripts()['cirkdv2'].quick_flags], 2),
+    ('afdcd', 1, ['--batch-size', '2', '--crop-size', '128,128'], 2),
 ]
 
 
-@pytest.mark.parametrize('name,nproc,extra', RESUME_CASES,
-                         ids=[f'{n}-{p}proc{"-accum" if "--grad-accum" in e else ""}' for n, p, e in RESUME_CASES])
-def test_killed_and_resumed_equals_never_stopped(setup, tmp_path, name, nproc, extra):
+@pytest.mark.parametrize('name,nproc,extra,kill_at', RESUME_CASES,
+                         ids=[f'{n}-{p}proc{"-accum" if "--grad-accum" in e else ""}' for n, p, e, _ in RESUME_CASES])
+def test_killed_and_resumed_equals_never_stopped(setup, tmp_path, name, nproc, extra, kill_at):
     networks = BASELINE if name == 'baseline' else STUDENT + [
         '--teacher-model', 'deeplabv3_mobile', '--teacher-backbone', 'mobile', '--teacher-pretrained', setup['teacher']]
-    flags = dict(iters=12, log_iter=3, save_per_iters=3, val_per_iters=KILL_AT)
+    iters, every = 2 * kill_at, kill_at // 2
+    flags = dict(iters=iters, log_iter=every, save_per_iters=every, val_per_iters=kill_at)
 
     def args(folder, workers):
         return common(setup['data'], folder, **flags) + networks + extra + ['--workers', str(workers)]
@@ -127,28 +169,35 @@ def test_killed_and_resumed_equals_never_stopped(setup, tmp_path, name, nproc, e
     whole, parts = tmp_path / 'whole', tmp_path / 'parts'
     if nproc == 1:
         # one process: the script's main in this process, killed by an exception right after the resume file of
-        # iteration KILL_AT is on disk (the pre-emption of a single process)
+        # iteration kill_at is on disk (the pre-emption of a single process)
         run_in_process(name, args(whole, 0))
-        run_in_process(name, args(parts, 2) + ['--resume', 'auto'], kill_at=KILL_AT)
-        assert load(parts / 'ckpt' / f'{stem(name)}_resume.pth')['iteration'] == KILL_AT
+        run_in_process(name, args(parts, 2) + ['--resume', 'auto'], kill_at=kill_at)
+        assert load(parts / 'ckpt' / f'{stem(name)}_resume.pth')['iteration'] == kill_at
         run_in_process(name, args(parts, 0) + ['--resume', 'auto'])
     else:
-        train = script(f'train_{name}.py')
-        must_succeed(run_ranks([PYTHON, train] + args(whole, 0), tmp_path, nproc))
-        killed = run_ranks([PYTHON, setup['killer'], train] + args(parts, 2) + ['--resume', 'auto'], tmp_path, nproc,
-                           KILL_AT=str(KILL_AT))
-        assert killed.returncode != 0
-        assert load(parts / 'ckpt' / f'{stem(name)}_resume.pth')['iteration'] == KILL_AT
-        must_succeed(run_ranks([PYTHON, train] + args(parts, 0) + ['--resume', 'auto'], tmp_path, nproc))
+        # forked processes (no interpreter start-up); the killed run ends every process right after the resume
+        # file of iteration kill_at is on disk, as a pre-empted job would (no clean-up, no later file)
+        assert fork_ranks(forked_main(name, args(whole, 0)), nproc) == [0] * nproc
+        assert fork_ranks(forked_main(name, args(parts, 2) + ['--resume', 'auto'], kill_at), nproc) == [9] * nproc
+        assert load(parts / 'ckpt' / f'{stem(name)}_resume.pth')['iteration'] == kill_at
+        assert fork_ranks(forked_main(name, args(parts, 0) + ['--resume', 'auto']), nproc) == [0] * nproc
     log = (parts / 'logs' / f'{stem(name)}_log.txt').read_text()
-    assert f'iteration {KILL_AT}/12' in log and 'not repeat the uninterrupted one' not in log
+    assert f'iteration {kill_at}/{iters}' in log and 'not repeat the uninterrupted one' not in log
     after = [int(m.group(1)) for m in log_lines(parts / 'logs' / f'{stem(name)}_log.txt')]
-    assert after == [3, 6, 9, 12]  # nothing replayed, nothing skipped
+    assert after == list(range(every, iters + 1, every))  # nothing replayed, nothing skipped
     expected, got = run_files(whole, name), run_files(parts, name)
     assert_same_tensors(got, expected, 'resumed run')
     if name == 'mgd':
         assert set(got['resume']['generators']) == {'mgd'} and 'criterion.align.weight' in got['resume']['method_state']
-    assert [record['iteration'] for record in got['history']] == [6, 12]
+    if name == 'cirkdv2':
+        assert set(got['resume']['generators']) == {'cirkdv2_memory', 'cirkdv2_channel'}
+        state = got['resume']['method_state']
+        assert {'gcn.node_k.weight', 'fitnet.conv.weight', 'channel.teacher_channel_queue',
+                'memory.teacher_pixel_queue'} <= set(state)
+    if name == 'afdcd':
+        assert set(got['resume']['generators']) == {'afdcd_mask'}
+        assert 'criterion.projector.0.weight' in got['resume']['method_state']
+    assert [record['iteration'] for record in got['history']] == [kill_at, iters]
 
 
 def test_grad_accum_on_one_process_follows_two_processes(setup, tmp_path):
