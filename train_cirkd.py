@@ -22,8 +22,8 @@ the defaults, 3.4 GB for ADE20K).
 """
 import sys
 
-from losses import CriterionKD, CriterionMiniBatchCrossImagePair, StudentSegContrast
-from utils.cirkd_memory import PIXEL_UPDATE_FREQ, add_memory_args, check_memory_args
+from losses import CriterionKD, CriterionMiniBatchCrossImagePair
+from utils.cirkd_memory import add_memory_args, build_memory_contrast, check_memory_args
 from utils.errors import run_main
 from utils.method import DistillationMethod
 from utils.options import build_parser, validate_args
@@ -48,19 +48,8 @@ class CIRKDDistillation(DistillationMethod):
         self.lambda_region = args.lambda_memory_region
         self.kd = CriterionKD(temperature=args.kd_temperature)
         self.minibatch = CriterionMiniBatchCrossImagePair(temperature=args.contrast_temperature)
-        self.memory = None
-        if self.lambda_pixel or self.lambda_region:
-            num_class = nets.num_class
-            self.memory = StudentSegContrast(
-                num_class, pixel_memory_size=args.pixel_memory_size, region_memory_size=args.region_memory_size,
-                pixel_contrast_size=args.pixel_contrast_size // num_class + 1,
-                region_contrast_size=args.region_contrast_size // num_class + 1,
-                contrast_kd_temperature=args.contrast_kd_temperature,
-                contrast_temperature=args.contrast_temperature, ignore_label=args.ignore_label,
-                s_channels=nets.student.feature_channels, t_channels=nets.teacher.feature_channels,
-                pixel_update_freq=PIXEL_UPDATE_FREQ, norm_layer=nets.norm_layer,
-                # the same draws on every process, so that the memories stay equal
-                generator=self.add_generator('cirkd_memory', shared=True))
+        # the same draws on every process, so that the memories stay equal
+        self.memory = build_memory_contrast(args, nets, self.add_generator('cirkd_memory', shared=True))
 
     def forward(self, s_outputs, t_outputs, labels):
         s_logits, t_logits = s_outputs.logits, t_outputs.logits

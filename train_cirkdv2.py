@@ -32,11 +32,10 @@ from losses import (
     CriterionKD,
     CriterionMiniBatchCrossImagePair,
     StudentSegChannelContrast,
-    StudentSegContrast,
 )
 from losses.cirkd_channel import pooled_positions
 from models.model_zoo import output_sizes
-from utils.cirkd_memory import PIXEL_UPDATE_FREQ, add_memory_args, check_memory_args
+from utils.cirkd_memory import add_memory_args, build_memory_contrast, check_memory_args
 from utils.errors import run_main
 from utils.method import DistillationMethod
 from utils.options import build_parser, non_negative_float, positive_int, validate_args
@@ -87,17 +86,8 @@ class CIRKDv2Distillation(DistillationMethod):
         # CIRKDv2 pools maps of 256 or more a side (SegFormer's at 1024 x 1024 crops) 4 x 4 first
         self.minibatch = CriterionMiniBatchCrossImagePair(temperature=args.contrast_temperature,
                                                           pool_from_size=MINIBATCH_POOL_FROM)
-        self.memory = None
-        if self.lambda_pixel or self.lambda_region:
-            num_class = nets.num_class
-            self.memory = StudentSegContrast(
-                num_class, pixel_memory_size=args.pixel_memory_size, region_memory_size=args.region_memory_size,
-                pixel_contrast_size=args.pixel_contrast_size // num_class + 1,
-                region_contrast_size=args.region_contrast_size // num_class + 1,
-                contrast_kd_temperature=args.contrast_kd_temperature,
-                contrast_temperature=args.contrast_temperature, ignore_label=args.ignore_label,
-                s_channels=s_channels, t_channels=t_channels, pixel_update_freq=PIXEL_UPDATE_FREQ,
-                norm_layer=nets.norm_layer, generator=self.add_generator('cirkdv2_memory', shared=True))
+        # the same draws on every process, so that the memories stay equal
+        self.memory = build_memory_contrast(args, nets, self.add_generator('cirkdv2_memory', shared=True))
         self.channel = None
         if self.lambda_minibatch_channel or self.lambda_memory_channel or self.lambda_channel_kd:
             self.channel = StudentSegChannelContrast(

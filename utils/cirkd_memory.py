@@ -6,6 +6,7 @@ The memory sizes are per class; the contrast sizes are totals, divided among the
 are enqueued, with draws from a generator seeded alike on every process).
 """
 from dataset import dataset_info
+from losses import StudentSegContrast
 from utils.options import non_negative_float, positive_float, positive_int
 
 PIXEL_UPDATE_FREQ = 16  # teacher pixel vectors enqueued per class and image, at most (the originals')
@@ -49,3 +50,19 @@ def check_memory_args(parser, args):
                          f'({num_class} classes) from a memory of --{kind}-memory-size {memory}: lower it to at '
                          f'most {memory * num_class - 1} or raise the memory size')
     return args
+
+
+def build_memory_contrast(args, nets, generator):
+    """The memory terms' module (StudentSegContrast) from the flags and the networks, or None when both of its
+    weights are 0. `generator`: a method generator shared by every process (the memories stay equal)."""
+    if not (args.lambda_memory_pixel or args.lambda_memory_region):
+        return None
+    num_class = nets.num_class
+    return StudentSegContrast(
+        num_class, pixel_memory_size=args.pixel_memory_size, region_memory_size=args.region_memory_size,
+        pixel_contrast_size=args.pixel_contrast_size // num_class + 1,
+        region_contrast_size=args.region_contrast_size // num_class + 1,
+        contrast_kd_temperature=args.contrast_kd_temperature, contrast_temperature=args.contrast_temperature,
+        ignore_label=args.ignore_label, s_channels=nets.student.feature_channels,
+        t_channels=nets.teacher.feature_channels, pixel_update_freq=PIXEL_UPDATE_FREQ, norm_layer=nets.norm_layer,
+        generator=generator)
