@@ -47,11 +47,10 @@ def run(cmd, cwd, timeout=TIMEOUT, **env):
     return subprocess.run(cmd, cwd=cwd, env=clean_env(**env), capture_output=True, text=True, timeout=timeout)
 
 
-def run_ranks(cmd, cwd, nproc=2, timeout=TIMEOUT, **env):
+def start_ranks(cmd, cwd, nproc=2, **env):
     """`cmd` as `nproc` processes with the environment torchrun gives its workers (RANK, WORLD_SIZE, LOCAL_RANK,
     MASTER_ADDR, MASTER_PORT), started directly: the launcher itself is tested elsewhere, and its own import of
-    torch would cost seconds. Returns a CompletedProcess with the outputs of all ranks and the first non-zero
-    exit status (0 when every rank succeeded)."""
+    torch would cost seconds. Returns the Popen objects, rank 0 first (outputs piped)."""
     port = str(free_port())
     procs = []
     for rank in range(nproc):
@@ -59,9 +58,21 @@ def run_ranks(cmd, cwd, nproc=2, timeout=TIMEOUT, **env):
                              MASTER_ADDR='127.0.0.1', MASTER_PORT=port, **env)
         procs.append(subprocess.Popen(cmd, cwd=cwd, env=rank_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                       text=True))
+    return procs
+
+
+def finish_ranks(procs, timeout=TIMEOUT):
+    """A CompletedProcess with the outputs of all ranks and the first non-zero exit status (0 when every rank
+    succeeded)."""
     outputs = [proc.communicate(timeout=timeout) for proc in procs]
     status = next((proc.returncode for proc in procs if proc.returncode != 0), 0)
-    return subprocess.CompletedProcess(cmd, status, ''.join(o for o, _ in outputs), ''.join(e for _, e in outputs))
+    return subprocess.CompletedProcess(procs[0].args, status, ''.join(o for o, _ in outputs),
+                                       ''.join(e for _, e in outputs))
+
+
+def run_ranks(cmd, cwd, nproc=2, timeout=TIMEOUT, **env):
+    """`cmd` as `nproc` processes (see `start_ranks`), waited for (see `finish_ranks`)."""
+    return finish_ranks(start_ranks(cmd, cwd, nproc, **env), timeout)
 
 
 def must_succeed(proc):
@@ -119,3 +130,35 @@ def assert_same_tensors(a, b, where=''):
         assert torch.equal(a, b), f'{where}: tensors differ (max |diff| {(a.double() - b.double()).abs().max()})'
     else:
         assert a == b, f'{where}: {a!r} != {b!r}'
+
+
+class Killed(BaseException):
+    """The end of a process, inside this one (not an Exception: nothing may handle it)."""
+
+
+def run_in_process(name, argv, kill_at=None):
+    """`train_<name>.py`'s main in this process, with one thread as the launched processes have (OMP_NUM_THREADS=1:
+    the CPU kernels round differently with another number of threads); with `kill_at`, stopped right after the
+    resume file of that iteration is on disk, as a pre-empted job (no clean-up, no later file). Returns the
+    trained student, or None when killed."""
+    import importlib
+
+    from utils import train_loop
+    original = train_loop.Trainer._save
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+
+    def _save(self, is_best, wait=False):
+        kill = self.state.iteration == kill_at
+        original(self, is_best, wait=wait or kill)
+        if kill:
+            raise Killed()
+
+    train_loop.Trainer._save = _save
+    try:
+        return importlib.import_module(f'train_{name}').main(argv)
+    except Killed:
+        return None
+    finally:
+        train_loop.Trainer._save = original
+        torch.set_num_threads(threads)

@@ -17,7 +17,18 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from launch import PYTHON, REPO, assert_same_tensors, common, load, log_lines, must_succeed, run_ranks, script
+from launch import (
+    PYTHON,
+    REPO,
+    assert_same_tensors,
+    common,
+    load,
+    log_lines,
+    must_succeed,
+    run_in_process,
+    run_ranks,
+    script,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -55,37 +66,6 @@ def setup(toy_root, tmp_path_factory):
         runpy.run_path(script, run_name='__main__')
     '''))
     return {'data': root, 'teacher': str(teacher), 'killer': str(killer)}
-
-
-class Killed(BaseException):
-    """The end of a process, inside this one (not an Exception: nothing may handle it)."""
-
-
-def run_in_process(name, argv, kill_at=None):
-    """The script's main in this process, with one thread as the launched processes have (OMP_NUM_THREADS=1:
-    the CPU kernels round differently with another number of threads); with `kill_at`, stopped right after the
-    resume file of that iteration is on disk."""
-    import importlib
-
-    from utils import train_loop
-    original = train_loop.Trainer._save
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-
-    def _save(self, is_best, wait=False):
-        kill = self.state.iteration == kill_at
-        original(self, is_best, wait=wait or kill)
-        if kill:
-            raise Killed()
-
-    train_loop.Trainer._save = _save
-    try:
-        return importlib.import_module(f'train_{name}').main(argv)
-    except Killed:
-        return None
-    finally:
-        train_loop.Trainer._save = original
-        torch.set_num_threads(threads)
 
 
 def stem(name):
