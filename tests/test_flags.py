@@ -1,29 +1,35 @@
 """Every flag a user sets reaches what the run computes: a changed value changes a logged term, the loss, the sample
-order or the weights. One table, `ROWS`, says for each flag two values and what must differ between them.
+order, the weights or the optimizer's settings. One table says, for each flag, two values and what must differ.
 
-- **A method's own flags** (the argument group a script adds to the shared parser): the script's `main` runs with
-  its `run_training` replaced, which hands back the `build_method` the script would train with; the method is
-  built from what a tiny student and teacher state (`Networks` of `NetworkSpec`s, no weights) and computes its
-  terms once on fixed random outputs and labels (`method_values`). The observable is a key of that dict: a term
-  the method returns ('KD Loss'), a term its own optimizer logs ('Adv_D Loss'), `lr of <optimizer>` (the lr its
-  own optimizer starts from) or `lr_mult of <group>` / `weight_decay of <group>` (the parameter groups it adds to
-  the student's optimizer). With `scales=True` the flag is a weight: the term must be proportional to it and
-  every other value must stay as it was (a script that passes one lambda to two terms fails).
-- **The shared flags** (utils/options.py): a few in-process runs of `train_baseline.py` (two iterations of a tiny
-  student on the toy data) observed through light wrappers of the loop (`run_values`): 'sample order' (the
-  indices the sampler draws), 'sample seeds' (their augmentation seeds), 'initial weights', 'first batch' (the
-  image shapes of the first iteration's micro-batches), 'learning rates' (every parameter group's lr at each
-  iteration) and 'trained weights'. Shared flags without a row are listed in `SHARED_FLAGS_WITHOUT_ROW` with the
-  reason (no effect on what is computed, or the test that covers them).
+- **A method's own flags** (`METHOD_ROWS`; the argument group a script adds to the shared parser): the script's
+  `main` runs with its `run_training` replaced, which hands back the parsed flags and the `build_method` the
+  script would train with; the method is built from what a tiny student and teacher state (`Networks` of
+  `NetworkSpec`s, no weights) and computes its terms once on fixed random outputs and labels (`method_values`).
+  The observable is a key of what it computes: a term its forward returns ('KD Loss'), a term its own optimizer
+  logs ('Adv_D Loss'), `lr of <optimizer>` (the lr its own optimizer starts from), `lr_mult of <group>` /
+  `weight_decay of <group>` (the groups it adds to the student's optimizer). With `scales=True` the flag is a
+  weight: the term must be proportional to it and every other value must stay as it was (a script that passes
+  one lambda to two terms fails).
+- **The shared flags** (`SHARED_ROWS`; utils/options.py): in-process runs of a script (a tiny student on the toy
+  data, stopped as soon as the row's observable is recorded), observed through wrappers of the loop
+  (`run_values`): 'sample order' (the indices the sampler draws), 'sample seeds' (their augmentation seeds),
+  'initial weights', 'optimizer' (its class and, per parameter, the settings of its group), 'first batch' (the
+  image shapes of the first iteration's micro-batches), 'first loss' (its logged terms), 'first learning rates' /
+  'second learning rates' (per parameter, after iteration 1 / 2) and 'trained weights' (after the whole run).
+  Shared flags without a row are in `SHARED_FLAGS_WITHOUT_ROW` with the reason (no effect on what is computed,
+  or the test that covers them).
 
-Two guards keep the table complete: every method flag of every script that utils/scripts.py lists, and every
-shared flag, needs a row (or an entry with its reason); a row naming a flag that does not exist fails too.
+Guards keep the table complete: every method flag of every script that utils/scripts.py lists, and every shared
+flag, needs a row (or an entry with its reason), and a row naming a flag that does not exist fails.
 
-To cover a new script `train_new.py`: add a `Row('new', '--flag', a, b, 'Its Loss')` for each flag of its argument
-group (`scales=True` for a weight); `QUICK_FLAGS` of the script are passed first, a row's value last (argparse keeps
-the last). Value `None` leaves the flag out, `True` gives a switch alone, `{student}` / `{teacher}` name checkpoint
-files made by the fixture. A flag that cannot take two values that work (e.g. SKD's `--adv-conv-dim`, only 64)
-goes to `METHOD_FLAGS_WITHOUT_ROW` with the reason.
+**To cover a new script** `train_new.py`: add `Row('new', '--flag', a, b, 'Its Loss')` to `METHOD_ROWS` for each
+flag of its argument group (`scales=True` for a weight; `a` usually the default) and run this file: the guard
+names any flag left. The script's `QUICK_FLAGS` come first on the command line, a row's value last (argparse
+keeps the last); crops are `max(64, MIN_CROP)`; a method with `uses_stages` gets the backbone stages. A value
+`None` leaves the flag out, `True` gives a switch alone, `{student}` / `{teacher}` / `{other_teacher}` name
+checkpoint files made by the `files` fixture. A flag that cannot take two working values (SKD's
+`--adv-conv-dim`: only 64) goes to `METHOD_FLAGS_WITHOUT_ROW` with the reason. A new observable: a key of what
+`compute_method_values` returns, or of what `_recording_patches` records (with its stage in `RUN_STAGES`).
 """
 import argparse
 import contextlib
@@ -126,7 +132,7 @@ SHARED_ROWS = [
     Row('baseline', '--seed', '0', '1', 'sample seeds'),
     Row('baseline', '--seed', '0', '1', 'initial weights'),
     Row('baseline', '--lr', '0.01', '0.05', 'first learning rates'),
-    Row('baseline', '--max-iterations', '2', '3', 'learning rates'),
+    Row('baseline', '--max-iterations', '2', '3', 'second learning rates'),
     Row('baseline', '--batch-size', '4', '2', 'first batch'),
     Row('baseline', '--grad-accum', '1', '2', 'first batch'),
     Row('baseline', '--crop-size', '32,32', '48,48', 'first batch'),
@@ -364,13 +370,21 @@ def test_method_flag_changes_its_term(files, row):
 
 # ---------------------------------------------------------------- values of a run
 
-# How far a run goes for each observable: 0 set-up, 1 the first step's input, 2 its output, 3 the whole run.
+# How far a run goes for each observable: 0 set-up, 1 the first step's input, 2 its output, 3 the second step's
+# output, 4 the whole run.
 RUN_STAGES = {'sample order': 0, 'sample seeds': 0, 'initial weights': 0, 'optimizer': 0, 'first batch': 1,
-              'first loss': 2, 'first learning rates': 2, 'learning rates': 3, 'trained weights': 3}
+              'first loss': 2, 'first learning rates': 2, 'second learning rates': 3, 'trained weights': 4}
 
 
 class _Enough(Exception):
     """Stops a run once what a row observes is recorded."""
+
+
+def per_parameter(optimizer, names):
+    """{parameter name: the settings of its group} (lr, momentum, weight decay, ...: what the optimizer applies to
+    it, whatever the groups are called or how they are split)."""
+    return {names[id(param)]: {key: value for key, value in group.items() if key not in ('params', 'name', 'lr_mult')}
+            for group in optimizer.param_groups for param in group['params']}
 
 
 def _recording_patches(values, stop_stage):
@@ -384,9 +398,8 @@ def _recording_patches(values, stop_stage):
         values['sample seeds'] = [seed for _, seed in pairs]
         values['initial weights'] = {k: v.clone() for k, v in trainer.student.state_dict().items()}
         optimizer = trainer.built.optimizer
-        values['optimizer'] = (type(optimizer).__name__, [
-            {key: len(value) if key == 'params' else value for key, value in group.items()}
-            for group in optimizer.param_groups])
+        values['names'] = {id(param): name for name, param in trainer.built.step_module.named_parameters()}
+        values['optimizer'] = (type(optimizer).__name__, per_parameter(optimizer, values['names']))
         if stop_stage == 0:
             raise _Enough
 
@@ -396,13 +409,14 @@ def _recording_patches(values, stop_stage):
             if stop_stage == 1:
                 raise _Enough
         terms = step(stepper, micro_batches, iteration, seed)
-        values.setdefault('learning rates', []).append(
-            {group.get('name'): group['lr'] for group in stepper.optimizer.param_groups})
+        learning_rates = {name: settings['lr'] for name, settings in
+                          per_parameter(stepper.optimizer, values['names']).items()}
+        if iteration <= 2:
+            values[('first', 'second')[iteration - 1] + ' learning rates'] = learning_rates
         if iteration == 1:
             values['first loss'] = {name: value.item() for name, value in terms.items()}
-            values['first learning rates'] = values['learning rates'][0]
-            if stop_stage == 2:
-                raise _Enough
+        if stop_stage == iteration + 1:
+            raise _Enough
         return terms
 
     return [mock.patch.object(Trainer, '_build_loaders', record_loaders),
@@ -455,3 +469,9 @@ def test_shared_flag_changes_the_run(files, row):
         f'train_{row.script}.py: {row.flag} {row.a} and {row.b} give the same {row.observable}'
 
 
+def test_the_first_iteration_takes_the_batch_in_its_micro_batches(files):
+    """--batch-size images in --grad-accum micro-batches (the runs of the rows above, from the cache)."""
+    base = run_argv('baseline', files)
+    for extra, shapes in ((['--grad-accum', '1'], [(4, 3, 32, 32)]), (['--grad-accum', '2'], [(2, 3, 32, 32)] * 2),
+                          (['--batch-size', '2'], [(2, 3, 32, 32)])):
+        assert run_values('baseline', base + extra, 'first batch')['first batch'] == shapes, extra
