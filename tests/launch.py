@@ -6,6 +6,7 @@ import re
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 
 import torch
@@ -50,24 +51,32 @@ def run(cmd, cwd, timeout=TIMEOUT, **env):
 def start_ranks(cmd, cwd, nproc=2, **env):
     """`cmd` as `nproc` processes with the environment torchrun gives its workers (RANK, WORLD_SIZE, LOCAL_RANK,
     MASTER_ADDR, MASTER_PORT), started directly: the launcher itself is tested elsewhere, and its own import of
-    torch would cost seconds. Returns the Popen objects, rank 0 first (outputs piped)."""
+    torch would cost seconds. Returns the Popen objects, rank 0 first. Their outputs go to temporary files, not
+    pipes: a rank blocked on a full pipe would hold the others in their next collective."""
     port = str(free_port())
     procs = []
     for rank in range(nproc):
         rank_env = clean_env(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(nproc), LOCAL_WORLD_SIZE=str(nproc),
                              MASTER_ADDR='127.0.0.1', MASTER_PORT=port, **env)
-        procs.append(subprocess.Popen(cmd, cwd=cwd, env=rank_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                      text=True))
+        outputs = (tempfile.TemporaryFile('w+'), tempfile.TemporaryFile('w+'))
+        proc = subprocess.Popen(cmd, cwd=cwd, env=rank_env, stdout=outputs[0], stderr=outputs[1], text=True)
+        proc.outputs = outputs
+        procs.append(proc)
     return procs
 
 
 def finish_ranks(procs, timeout=TIMEOUT):
-    """A CompletedProcess with the outputs of all ranks and the first non-zero exit status (0 when every rank
-    succeeded)."""
-    outputs = [proc.communicate(timeout=timeout) for proc in procs]
+    """Wait for the processes of `start_ranks`; a CompletedProcess with the outputs of all ranks and the first
+    non-zero exit status (0 when every rank succeeded)."""
+    texts = []
+    for proc in procs:
+        proc.wait(timeout=timeout)
+        for output in proc.outputs:
+            output.seek(0)
+            texts.append(output.read())
+            output.close()
     status = next((proc.returncode for proc in procs if proc.returncode != 0), 0)
-    return subprocess.CompletedProcess(procs[0].args, status, ''.join(o for o, _ in outputs),
-                                       ''.join(e for _, e in outputs))
+    return subprocess.CompletedProcess(procs[0].args, status, ''.join(texts[0::2]), ''.join(texts[1::2]))
 
 
 def run_ranks(cmd, cwd, nproc=2, timeout=TIMEOUT, **env):

@@ -57,7 +57,8 @@ pytestmark = pytest.mark.usefixtures('one_thread')
 SCRIPTS = training_scripts()
 NUM_CLASS = 19
 STUDENT = ('psp_mobile', 'mobilenetv3_small')  # the cheapest network to train
-TEACHER = ('deeplabv3', 'resnet18')  # another width than the student's stages, an aux head, four stages
+# The method rows' teacher (its spec only): other stages than the student's, four of them, and an aux head.
+TEACHER = ('deeplabv3', 'resnet18')
 BATCH = 2
 
 
@@ -175,9 +176,6 @@ SHARED_FLAGS_WITHOUT_ROW = {
     '--student-head-width': 'the same code as --head-width (utils.options.student_names)',
 }
 
-ROWS = METHOD_ROWS + SHARED_ROWS
-
-
 # ---------------------------------------------------------------- the parsers
 
 class _Parsed(Exception):
@@ -248,7 +246,8 @@ def test_no_row_names_a_flag_that_does_not_exist():
 
 @pytest.fixture(scope='module')
 def files(toy_root, tmp_path_factory):
-    """The toy data and the checkpoint files a row's value may name ({student}, {teacher})."""
+    """The toy data and the checkpoint files a row's value may name ({student}, {teacher}, {other_teacher}: three
+    draws of the student's network), and a file that holds only a classifier's rows (`classes_only`)."""
     work = tmp_path_factory.mktemp('flags')
     torch.manual_seed(5)
     student = work / 'student.pth'
@@ -311,6 +310,7 @@ def method_values(method, argv):
 
 
 def compute_method_values(method, args, build):
+    """The values of `method_values`: the method built for the networks the flags name, on outputs of their shapes."""
     student = describe_network(args.student_model, args.student_backbone, NUM_CLASS)
     teacher = describe_network(args.teacher_model, args.teacher_backbone, NUM_CLASS, aux=True)
     torch.manual_seed(0)  # the method's modules start alike for both values
