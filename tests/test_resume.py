@@ -29,7 +29,7 @@ from launch import (
     script,
 )
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures('one_thread')]
 
 STUDENT = ['--student-model', 'psp_mobile', '--student-backbone', 'mobile', '--student-pretrained-base', 'None']
 BASELINE = ['--model', 'psp_mobile', '--backbone', 'mobile', '--pretrained-base', 'None']

@@ -36,7 +36,7 @@ from launch import (
 )
 from launch import common as launch_common
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures('one_thread')]
 
 
 @pytest.fixture(scope='module')
