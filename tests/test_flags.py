@@ -14,7 +14,9 @@ order, the weights or the optimizer's settings. One table says, for each flag, t
   data, stopped as soon as the row's observable is recorded), observed through wrappers of the loop
   (`run_values`): 'sample order' (the indices the sampler draws), 'sample seeds' (their augmentation seeds),
   'initial weights', 'optimizer' (its class and, per parameter, the settings of its group), 'first batch' (the
-  image shapes of the first iteration's micro-batches), 'first loss' (its logged terms), 'first learning rates' /
+  image shapes of the first iteration's micro-batches), 'dropout seed' / 'method seeds' (the seeds of torch's
+  generator and of the method's generators for the first micro-batch), 'first loss' (its logged terms),
+  'first learning rates' /
   'second learning rates' (per parameter, after iteration 1 / 2) and 'trained weights' (after the whole run).
   Shared flags without a row are in `SHARED_FLAGS_WITHOUT_ROW` with the reason (no effect on what is computed,
   or the test that covers them).
@@ -132,6 +134,8 @@ SHARED_ROWS = [
     Row('baseline', '--seed', '0', '1', 'sample order'),
     Row('baseline', '--seed', '0', '1', 'sample seeds'),
     Row('baseline', '--seed', '0', '1', 'initial weights'),
+    Row('baseline', '--seed', '0', '1', 'dropout seed'),
+    Row('mgd', '--seed', '0', '1', 'method seeds'),
     Row('baseline', '--lr', '0.01', '0.05', 'first learning rates'),
     Row('baseline', '--max-iterations', '2', '3', 'second learning rates'),
     Row('baseline', '--batch-size', '4', '2', 'first batch'),
@@ -373,7 +377,8 @@ def test_method_flag_changes_its_term(files, row):
 # How far a run goes for each observable: 0 set-up, 1 the first step's input, 2 its output, 3 the second step's
 # output, 4 the whole run.
 RUN_STAGES = {'sample order': 0, 'sample seeds': 0, 'initial weights': 0, 'optimizer': 0, 'first batch': 1,
-              'first loss': 2, 'first learning rates': 2, 'second learning rates': 3, 'trained weights': 4}
+              'dropout seed': 2, 'method seeds': 2, 'first loss': 2, 'first learning rates': 2,
+              'second learning rates': 3, 'trained weights': 4}
 
 
 class _Enough(Exception):
@@ -389,7 +394,7 @@ def per_parameter(optimizer, names):
 
 def _recording_patches(values, stop_stage):
     """Wrappers of the loop's set-up and step that note what a run computes, and stop it at `stop_stage`."""
-    build_loaders, step = Trainer._build_loaders, Stepper.step
+    build_loaders, step, seed_micro_batch = Trainer._build_loaders, Stepper.step, Stepper.seed_micro_batch
 
     def record_loaders(trainer):
         build_loaders(trainer)
@@ -419,8 +424,16 @@ def _recording_patches(values, stop_stage):
             raise _Enough
         return terms
 
+    def record_seeds(stepper, iteration, position):
+        seed_micro_batch(stepper, iteration, position)
+        if iteration == 1 and position == 0:
+            values['dropout seed'] = torch.initial_seed()
+            generators = stepper.method.generators() if stepper.method is not None else {}
+            values['method seeds'] = {name: generator.initial_seed() for name, (generator, _) in generators.items()}
+
     return [mock.patch.object(Trainer, '_build_loaders', record_loaders),
-            mock.patch.object(Stepper, 'step', record_step)]
+            mock.patch.object(Stepper, 'step', record_step),
+            mock.patch.object(Stepper, 'seed_micro_batch', record_seeds)]
 
 
 RUN_CACHE = {}
@@ -457,7 +470,8 @@ def run_argv(method, files):
     if not SCRIPTS[method].distillation:
         return argv + ['--model', STUDENT[0], '--backbone', STUDENT[1], '--pretrained-base', 'None']
     return argv + ['--student-model', STUDENT[0], '--student-backbone', STUDENT[1], '--student-pretrained-base', 'None',
-                   '--teacher-model', STUDENT[0], '--teacher-backbone', STUDENT[1]]
+                   '--teacher-model', STUDENT[0], '--teacher-backbone', STUDENT[1], '--teacher-pretrained',
+                   files['teacher']]
 
 
 @pytest.mark.parametrize('row', SHARED_ROWS, ids=[row.id for row in SHARED_ROWS])
