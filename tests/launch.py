@@ -6,6 +6,7 @@ import re
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 
 import torch
@@ -47,21 +48,40 @@ def run(cmd, cwd, timeout=TIMEOUT, **env):
     return subprocess.run(cmd, cwd=cwd, env=clean_env(**env), capture_output=True, text=True, timeout=timeout)
 
 
-def run_ranks(cmd, cwd, nproc=2, timeout=TIMEOUT, **env):
+def start_ranks(cmd, cwd, nproc=2, **env):
     """`cmd` as `nproc` processes with the environment torchrun gives its workers (RANK, WORLD_SIZE, LOCAL_RANK,
     MASTER_ADDR, MASTER_PORT), started directly: the launcher itself is tested elsewhere, and its own import of
-    torch would cost seconds. Returns a CompletedProcess with the outputs of all ranks and the first non-zero
-    exit status (0 when every rank succeeded)."""
+    torch would cost seconds. Returns the Popen objects, rank 0 first. Their outputs go to temporary files, not
+    pipes: a rank blocked on a full pipe would hold the others in their next collective."""
     port = str(free_port())
     procs = []
     for rank in range(nproc):
         rank_env = clean_env(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(nproc), LOCAL_WORLD_SIZE=str(nproc),
                              MASTER_ADDR='127.0.0.1', MASTER_PORT=port, **env)
-        procs.append(subprocess.Popen(cmd, cwd=cwd, env=rank_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                      text=True))
-    outputs = [proc.communicate(timeout=timeout) for proc in procs]
+        outputs = (tempfile.TemporaryFile('w+'), tempfile.TemporaryFile('w+'))
+        proc = subprocess.Popen(cmd, cwd=cwd, env=rank_env, stdout=outputs[0], stderr=outputs[1], text=True)
+        proc.outputs = outputs
+        procs.append(proc)
+    return procs
+
+
+def finish_ranks(procs, timeout=TIMEOUT):
+    """Wait for the processes of `start_ranks`; a CompletedProcess with the outputs of all ranks and the first
+    non-zero exit status (0 when every rank succeeded)."""
+    texts = []
+    for proc in procs:
+        proc.wait(timeout=timeout)
+        for output in proc.outputs:
+            output.seek(0)
+            texts.append(output.read())
+            output.close()
     status = next((proc.returncode for proc in procs if proc.returncode != 0), 0)
-    return subprocess.CompletedProcess(cmd, status, ''.join(o for o, _ in outputs), ''.join(e for _, e in outputs))
+    return subprocess.CompletedProcess(procs[0].args, status, ''.join(texts[0::2]), ''.join(texts[1::2]))
+
+
+def run_ranks(cmd, cwd, nproc=2, timeout=TIMEOUT, **env):
+    """`cmd` as `nproc` processes (see `start_ranks`), waited for (see `finish_ranks`)."""
+    return finish_ranks(start_ranks(cmd, cwd, nproc, **env), timeout)
 
 
 def fork_ranks(target, nproc=2, timeout=TIMEOUT):
@@ -159,3 +179,35 @@ def assert_same_tensors(a, b, where=''):
         assert torch.equal(a, b), f'{where}: tensors differ (max |diff| {(a.double() - b.double()).abs().max()})'
     else:
         assert a == b, f'{where}: {a!r} != {b!r}'
+
+
+class Killed(BaseException):
+    """The end of a process, inside this one (not an Exception: nothing may handle it)."""
+
+
+def run_in_process(name, argv, kill_at=None):
+    """`train_<name>.py`'s main in this process, with one thread as the launched processes have (OMP_NUM_THREADS=1:
+    the CPU kernels round differently with another number of threads); with `kill_at`, stopped right after the
+    resume file of that iteration is on disk, as a pre-empted job (no clean-up, no later file). Returns the
+    trained student, or None when killed."""
+    import importlib
+
+    from utils import train_loop
+    original = train_loop.Trainer._save
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+
+    def _save(self, is_best, wait=False):
+        kill = self.state.iteration == kill_at
+        original(self, is_best, wait=wait or kill)
+        if kill:
+            raise Killed()
+
+    train_loop.Trainer._save = _save
+    try:
+        return importlib.import_module(f'train_{name}').main(argv)
+    except Killed:
+        return None
+    finally:
+        train_loop.Trainer._save = original
+        torch.set_num_threads(threads)

@@ -271,7 +271,14 @@ def test_student_equals_teacher(setting):
     assert loss.item() == 0 and grad.abs().max().item() == 0
 
 
-@pytest.mark.parametrize('setting', [dict(s, DivPixel='None') for s in SAFETY_SETTINGS], ids=setting_id)
+# The safety settings without pixel division, each once (two of them differ only in it).
+UNDIVIDED_SETTINGS = []
+for _setting in SAFETY_SETTINGS:
+    if dict(_setting, DivPixel='None') not in UNDIVIDED_SETTINGS:
+        UNDIVIDED_SETTINGS.append(dict(_setting, DivPixel='None'))
+
+
+@pytest.mark.parametrize('setting', UNDIVIDED_SETTINGS, ids=setting_id)
 def test_equally_far_channels_give_cwd(setting):
     # Every channel is the same pair of maps, rolled differently: all distances agree up to rounding.
     generator = torch.Generator().manual_seed(5)
@@ -406,7 +413,7 @@ def test_feature_adapter():
     assert out.shape == (2, 256, 4, 4) and out.min() >= 0
     feat_loss = CriterionCWD()(out, torch.randn(2, 256, 4, 4))
     feat_loss.backward()
-    assert conv.weight.grad is not None
+    assert conv.weight.grad.abs().sum() > 0  # the adapter trains
 
 
 def test_weights_method_gives_the_weights_the_loss_uses():

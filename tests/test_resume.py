@@ -1,6 +1,6 @@
 """Exact resume, gradient accumulation and the loop's contract for a method.
 
-- A run killed after the resume file of iteration 6 was written and continued with --resume auto writes
+- A run killed after the resume file of iteration 2 (of 4) was written and continued with --resume auto writes
   the same files as the run never stopped: the student checkpoints, every tensor of the resume file and
   the validation history, bit for bit (CPU), for train_mgd.py (a method with a trained generator and a random
   mask; the baseline's loop is a part of it), on one process with gradient accumulation and on two, with 0
@@ -10,8 +10,6 @@
   optimizer of its own, a logged-only term, a buffer never broadcast, a random generator).
 """
 import json
-import os
-import textwrap
 
 import pytest
 import torch
@@ -19,24 +17,24 @@ import torch.nn as nn
 import torch.nn.functional as F
 from launch import (
     PYTHON,
-    REPO,
     assert_same_tensors,
     common,
     fork_ranks,
     load,
     log_lines,
     must_succeed,
+    run_in_process,
     run_ranks,
     script,
 )
 
 from utils.scripts import training_scripts
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures('one_thread')]
 
 STUDENT = ['--student-model', 'psp_mobile', '--student-backbone', 'mobile', '--student-pretrained-base', 'None']
 BASELINE = ['--model', 'psp_mobile', '--backbone', 'mobile', '--pretrained-base', 'None']
-KILL_AT = 6
+KILL_AT = 2
 
 
 @pytest.fixture(scope='module')
@@ -47,27 +45,7 @@ def setup(toy_root, tmp_path_factory):
     torch.manual_seed(1)
     teacher = work / 'deeplabv3_mobile.pth'
     torch.save(get_segmentation_model('deeplabv3_mobile', 'mobile', 19, True).state_dict(), teacher)
-    killer = work / 'kill_after_save.py'
-    # Test-only hook: end every process right after the resume file of iteration KILL_AT is on disk, as a
-    # pre-empted job would (no clean-up, no later file).
-    killer.write_text(textwrap.dedent(f'''
-        import os, sys, runpy
-        import torch.distributed as dist
-        sys.path.insert(0, {REPO!r})
-        from utils import train_loop
-        original = train_loop.Trainer._save
-        def _save(self, is_best, wait=False):
-            kill = self.state.iteration == int(os.environ['KILL_AT'])
-            original(self, is_best, wait=wait or kill)
-            if kill:
-                if dist.is_initialized():
-                    dist.barrier()
-                os._exit(9)
-        train_loop.Trainer._save = _save
-        script = sys.argv.pop(1)
-        runpy.run_path(script, run_name='__main__')
-    '''))
-    return {'data': root, 'teacher': str(teacher), 'killer': str(killer)}
+    return {'data': root, 'teacher': str(teacher)}
 
 
 def forked_main(name, argv, kill_at=None):
@@ -75,6 +53,7 @@ def forked_main(name, argv, kill_at=None):
     the resume file of that iteration is on disk, once every process has written its part."""
     def target():
         import importlib
+        import os
 
         import torch.distributed as dist
 
@@ -92,37 +71,6 @@ def forked_main(name, argv, kill_at=None):
             train_loop.Trainer._save = _save
         importlib.import_module(f'train_{name}').main(argv)
     return target
-
-
-class Killed(BaseException):
-    """The end of a process, inside this one (not an Exception: nothing may handle it)."""
-
-
-def run_in_process(name, argv, kill_at=None):
-    """The script's main in this process, with one thread as the launched processes have (OMP_NUM_THREADS=1:
-    the CPU kernels round differently with another number of threads); with `kill_at`, stopped right after the
-    resume file of that iteration is on disk."""
-    import importlib
-
-    from utils import train_loop
-    original = train_loop.Trainer._save
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-
-    def _save(self, is_best, wait=False):
-        kill = self.state.iteration == kill_at
-        original(self, is_best, wait=wait or kill)
-        if kill:
-            raise Killed()
-
-    train_loop.Trainer._save = _save
-    try:
-        return importlib.import_module(f'train_{name}').main(argv)
-    except Killed:
-        return None
-    finally:
-        train_loop.Trainer._save = original
-        torch.set_num_threads(threads)
 
 
 def stem(name):
@@ -144,60 +92,60 @@ def run_files(folder, name):
 
 
 RESUME_CASES = [
-    # name, processes, extra flags, the iteration killed after (the run has twice as many; MGD: a method with a
-    # module trained with the student and a random generator; the baseline's loop is a part of it)
-    ('mgd', 1, ['--batch-size', '4', '--grad-accum', '2'], KILL_AT),  # resume stays exact with accumulation
-    ('mgd', 2, ['--batch-size', '4'], KILL_AT),
+    # name, processes, extra flags (MGD: a method with a module trained with the student and a random generator;
+    # the baseline's loop is a part of it)
+    ('mgd', 1, ['--batch-size', '4', '--grad-accum', '2']),  # resume stays exact with accumulation
+    ('mgd', 2, ['--batch-size', '4']),
     # CIRKDv2: the GCN, FitNet and projection heads trained with the student, pixel and channel memories with
     # their shared generators; Af-DCD: the mask generator and the clipped loss module, at its smallest crop
-    ('cirkdv2', 2, ['--batch-size', '4', *training_scripts()['cirkdv2'].quick_flags], 2),
-    ('afdcd', 1, ['--batch-size', '2', '--crop-size', '128,128'], 2),
+    ('cirkdv2', 2, ['--batch-size', '4', *training_scripts()['cirkdv2'].quick_flags]),
+    ('afdcd', 1, ['--batch-size', '2', '--crop-size', '128,128']),
 ]
 
 
-@pytest.mark.parametrize('name,nproc,extra,kill_at', RESUME_CASES,
-                         ids=[f'{n}-{p}proc{"-accum" if "--grad-accum" in e else ""}' for n, p, e, _ in RESUME_CASES])
-def test_killed_and_resumed_equals_never_stopped(setup, tmp_path, name, nproc, extra, kill_at):
+@pytest.mark.parametrize('name,nproc,extra', RESUME_CASES,
+                         ids=[f'{n}-{p}proc{"-accum" if "--grad-accum" in e else ""}' for n, p, e in RESUME_CASES])
+def test_killed_and_resumed_equals_never_stopped(setup, tmp_path, name, nproc, extra):
     networks = BASELINE if name == 'baseline' else STUDENT + [
         '--teacher-model', 'deeplabv3_mobile', '--teacher-backbone', 'mobile', '--teacher-pretrained', setup['teacher']]
-    iters, every = 2 * kill_at, kill_at // 2
-    flags = dict(iters=iters, log_iter=every, save_per_iters=every, val_per_iters=kill_at)
+    flags = dict(iters=4, log_iter=1, save_per_iters=1, val_per_iters=KILL_AT)
 
     def args(folder, workers):
-        return common(setup['data'], folder, **flags) + networks + extra + ['--workers', str(workers)]
+        # 32 x 32 crops (unless the method needs more): what is under test does not depend on the size, the time does
+        return common(setup['data'], folder, **flags) + networks + [
+            '--workers', str(workers), '--crop-size', '32,32'] + extra
 
     whole, parts = tmp_path / 'whole', tmp_path / 'parts'
     if nproc == 1:
         # one process: the script's main in this process, killed by an exception right after the resume file of
-        # iteration kill_at is on disk (the pre-emption of a single process)
+        # iteration KILL_AT is on disk (the pre-emption of a single process)
         run_in_process(name, args(whole, 0))
-        run_in_process(name, args(parts, 2) + ['--resume', 'auto'], kill_at=kill_at)
-        assert load(parts / 'ckpt' / f'{stem(name)}_resume.pth')['iteration'] == kill_at
+        run_in_process(name, args(parts, 2) + ['--resume', 'auto'], kill_at=KILL_AT)
+        assert load(parts / 'ckpt' / f'{stem(name)}_resume.pth')['iteration'] == KILL_AT
         run_in_process(name, args(parts, 0) + ['--resume', 'auto'])
     else:
         # forked processes (no interpreter start-up); the killed run ends every process right after the resume
-        # file of iteration kill_at is on disk, as a pre-empted job would (no clean-up, no later file)
+        # file of iteration KILL_AT is on disk, as a pre-empted job would (no clean-up, no later file)
         assert fork_ranks(forked_main(name, args(whole, 0)), nproc) == [0] * nproc
-        assert fork_ranks(forked_main(name, args(parts, 2) + ['--resume', 'auto'], kill_at), nproc) == [9] * nproc
-        assert load(parts / 'ckpt' / f'{stem(name)}_resume.pth')['iteration'] == kill_at
+        assert fork_ranks(forked_main(name, args(parts, 2) + ['--resume', 'auto'], KILL_AT), nproc) == [9] * nproc
+        assert load(parts / 'ckpt' / f'{stem(name)}_resume.pth')['iteration'] == KILL_AT
         assert fork_ranks(forked_main(name, args(parts, 0) + ['--resume', 'auto']), nproc) == [0] * nproc
     log = (parts / 'logs' / f'{stem(name)}_log.txt').read_text()
-    assert f'iteration {kill_at}/{iters}' in log and 'not repeat the uninterrupted one' not in log
+    assert f'iteration {KILL_AT}/4' in log and 'not repeat the uninterrupted one' not in log
     after = [int(m.group(1)) for m in log_lines(parts / 'logs' / f'{stem(name)}_log.txt')]
-    assert after == list(range(every, iters + 1, every))  # nothing replayed, nothing skipped
+    assert after == [1, 2, 3, 4]  # nothing replayed, nothing skipped
     expected, got = run_files(whole, name), run_files(parts, name)
     assert_same_tensors(got, expected, 'resumed run')
     if name == 'mgd':
         assert set(got['resume']['generators']) == {'mgd'} and 'criterion.align.weight' in got['resume']['method_state']
     if name == 'cirkdv2':
         assert set(got['resume']['generators']) == {'cirkdv2_memory', 'cirkdv2_channel'}
-        state = got['resume']['method_state']
         assert {'gcn.node_k.weight', 'fitnet.conv.weight', 'channel.teacher_channel_queue',
-                'memory.teacher_pixel_queue'} <= set(state)
+                'memory.teacher_pixel_queue'} <= set(got['resume']['method_state'])
     if name == 'afdcd':
         assert set(got['resume']['generators']) == {'afdcd_mask'}
         assert 'criterion.projector.0.weight' in got['resume']['method_state']
-    assert [record['iteration'] for record in got['history']] == [kill_at, iters]
+    assert [record['iteration'] for record in got['history']] == [2, 4]
 
 
 def test_grad_accum_on_one_process_follows_two_processes(setup, tmp_path):
@@ -349,10 +297,3 @@ def make_toy_method_init(setup):
     get_segmentation_model('psp_mobile', 'mobile', 19, False)  # the student is built first, the teacher after
     nets = Networks(None, None, 19, torch.device('cpu'), nn.BatchNorm2d)
     return make_toy_method(nets).state_dict()
-
-
-def test_history_and_flags_files(setup, tmp_path):
-    train_toy(setup, tmp_path, iters=4)
-    flags = json.loads((tmp_path / 'logs' / 'toy_psp_mobile_mobile_citys_flags.json').read_text())
-    assert flags['method'] == 'toy' and flags['seed'] == 0 and flags['flags']['lr'] == 0.01
-    assert os.path.isfile(tmp_path / 'ckpt' / 'toy_psp_mobile_mobile_citys_history.jsonl')

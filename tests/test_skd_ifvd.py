@@ -153,7 +153,7 @@ def test_vectors_never_get_a_gradient():
     for layer in SN_LAYERS:
         conv = sn_conv(model, layer)
         assert conv.weight_u.grad is None and conv.weight_v.grad is None
-        assert conv.weight_bar.grad is not None
+        assert conv.weight_bar.grad.abs().sum() > 0
 
 
 def test_power_iteration_finds_the_spectral_norm():
@@ -179,7 +179,8 @@ def test_autocast_keeps_power_iteration_in_float32():
         out = ours(logits)
     expected = twin(logits)
     assert torch.isfinite(out).all()
-    torch.testing.assert_close(out.float(), expected, rtol=0.1, atol=0.1 * expected.abs().max().item())
+    # bfloat16 keeps 8 bits of mantissa: within 2% of the largest output (0.8% measured)
+    torch.testing.assert_close(out.float(), expected, rtol=0, atol=0.02 * expected.abs().max().item())
     for layer in SN_LAYERS:
         assert sn_conv(ours, layer).weight_u.dtype == torch.float32
         torch.testing.assert_close(sn_conv(ours, layer).weight_u, sn_conv(twin, layer).weight_u, rtol=0, atol=0)

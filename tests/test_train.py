@@ -1,9 +1,9 @@
 """The training scripts end to end (CPU, gloo, generated data) and the loop's parts.
 
 Launch coverage, combined to keep the file short in time: train_hwd.py under torchrun (2 processes),
-train_cwd.py under torch.distributed.launch (2 processes), train_baseline.py as one plain process (the
-SIGKILL/resume test), under two torchrun "nodes", and under torchrun for the SIGTERM test; train_hwd.py
-also as one plain process in the NaN test.
+train_cwd.py under torch.distributed.launch (2 processes), train_baseline.py under two torchrun "nodes", as
+SLURM's two tasks, and as two ranks started directly for the SIGTERM test; train_hwd.py also in this process
+in the NaN test.
 
 Test-only hooks live in small wrapper scripts written by the tests (nothing in the production code):
 the per-rank weights are dumped by a wrapper that calls `train_hwd.main()` (which returns the trained
@@ -24,17 +24,19 @@ from launch import (
     TIMEOUT,
     TORCHRUN,
     clean_env,
+    finish_ranks,
     free_port,
     log_lines,
     must_succeed,
     poly,
     run,
     script,
+    start_ranks,
     wait_for,
 )
 from launch import common as launch_common
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures('one_thread')]
 
 
 @pytest.fixture(scope='module')
@@ -166,27 +168,26 @@ def test_slurm_srun_two_tasks(setup, tmp_path):
     check_student_file(tmp_path / 'ckpt' / 'baseline_deeplabv3_resnet18_citys.pth')
 
 
-def test_sigterm_saves_resume_file_on_all_ranks(setup, tmp_path):
-    """SIGTERM to torchrun: both processes agree on the iteration, rank 0 writes the resume file, both exit."""
+def test_sigterm_to_one_rank_stops_both_with_143_and_the_resume_file(setup, tmp_path):
+    """SIGTERM to rank 0 only (a scheduler may signal one task first): the ranks agree on the iteration, rank 0
+    writes the resume file, both exit with 143 (128 + SIGTERM, what a shell reports) and say so."""
     max_iterations = 30
     args = common(setup, tmp_path, batch=4, iters=max_iterations, log_iter=1, skip_val=True) + [
         '--pretrained-base', 'None']
     stem = 'baseline_deeplabv3_resnet18_citys'
     log = tmp_path / 'logs' / f'{stem}_log.txt'
-    with open(tmp_path / 'run.out', 'w') as out:
-        proc = subprocess.Popen(TORCHRUN + ['--nproc_per_node=2', f'--master_port={free_port()}',
-                                            script('train_baseline.py')] + args,
-                                cwd=tmp_path, env=clean_env(), stdout=out, stderr=subprocess.STDOUT)
-        try:
-            assert wait_for(lambda: log.exists() and f'Iters: 2/{max_iterations}' in log.read_text(), proc)
-            proc.send_signal(signal.SIGTERM)
-        finally:
-            proc.wait(timeout=TIMEOUT)
-    output = (tmp_path / 'run.out').read_text()
-    stopped = re.findall(r'stopped by SIGTERM after iteration (\d+)', output)
-    assert len(stopped) == 2 and stopped[0] == stopped[1], output[-4000:]
+    procs = start_ranks([PYTHON, script('train_baseline.py')] + args, tmp_path)
+    try:
+        assert wait_for(lambda: log.exists() and f'Iters: 2/{max_iterations}' in log.read_text(), procs[0])
+        procs[0].send_signal(signal.SIGTERM)
+    finally:
+        done = finish_ranks(procs)
+    assert [proc.returncode for proc in procs] == [143, 143], done.stderr[-4000:]
+    stopped = re.findall(r'stopped by SIGTERM after iteration (\d+); resume file (\S+);', done.stderr)
+    assert len(stopped) == 2 and stopped[0] == stopped[1], done.stderr[-4000:]
     resume = torch.load(tmp_path / 'ckpt' / f'{stem}_resume.pth', weights_only=True)
-    assert resume['iteration'] == int(stopped[0]) and 2 <= resume['iteration'] < max_iterations
+    assert resume['iteration'] == int(stopped[0][0]) and 2 <= resume['iteration'] < max_iterations
+    assert stopped[0][1] == str(tmp_path / 'ckpt' / f'{stem}_resume.pth')
     assert 'SIGTERM: saved the resume file' in log.read_text()
 
 
@@ -208,11 +209,12 @@ def test_nan_loss_stops_with_iteration_and_term(setup, tmp_path, monkeypatch):
         return terms
 
     monkeypatch.setattr(train_hwd.HWDDistillation, 'forward', forward)
-    args = common(setup, tmp_path, batch=2, iters=8, log_iter=4, val_per_iters=2) + distill(setup)
+    args = common(setup, tmp_path, batch=2, iters=8, log_iter=4, val_per_iters=2) + distill(setup) + [
+        '--student-model', 'psp_mobile', '--student-backbone', 'mobile']  # a light student: the loop is under test
     stderr = io.StringIO()
     assert run_main(train_hwd.main, args, stderr=stderr) == 2
     assert 'error: the loss became non-finite at iteration 3 (HWD Loss)' in stderr.getvalue()
-    stem = 'hwd_deeplabv3_resnet18_citys'
+    stem = 'hwd_psp_mobile_mobile_citys'
     resume = torch.load(tmp_path / 'ckpt' / f'{stem}_resume.pth', weights_only=True)
     assert resume['iteration'] == 2  # nothing saved after the NaN (the check at 4 came first)
     best = torch.load(tmp_path / 'ckpt' / f'{stem}_best_model.pth', weights_only=True)
@@ -281,13 +283,19 @@ def test_batch_must_split_over_processes(setup, tmp_path, capsys, monkeypatch):
     assert '--batch-size 3' in capsys.readouterr().err
 
 
-def test_user_error_exit_status_and_message(setup, tmp_path):
-    """A UserError raised during the run (a missing data root) -> 'error: ...' on stderr, status 2."""
-    proc = run([PYTHON, script('train_baseline.py'), '--no-cuda', '--data', str(tmp_path / 'nowhere'),
-                '--pretrained-base', 'None', '--save-dir', str(tmp_path / 'c'), '--log-dir', str(tmp_path / 'l')],
-               tmp_path)
-    assert proc.returncode == 2
-    assert proc.stderr.startswith('error: ') and '--data' in proc.stderr and 'Traceback' not in proc.stderr
+def test_user_error_exit_status_and_message(tmp_path):
+    """A UserError raised during the run (a missing data root) -> 'error: ...' on stderr, status 2. (In this
+    process: tests/test_errors.py runs a script as a process, where run_main's status becomes the exit status.)"""
+    import io
+
+    import train_baseline
+    from utils.errors import run_main
+    stderr = io.StringIO()
+    argv = ['--no-cuda', '--data', str(tmp_path / 'nowhere'), '--pretrained-base', 'None',
+            '--save-dir', str(tmp_path / 'c'), '--log-dir', str(tmp_path / 'l')]
+    assert run_main(train_baseline.main, argv, stderr=stderr) == 2
+    assert stderr.getvalue().startswith('error: ') and '--data' in stderr.getvalue()
+    assert str(tmp_path / 'nowhere') in stderr.getvalue() and stderr.getvalue().count('\n') == 1
 
 
 # ---------------------------------------------------------------- parts of the loop

@@ -3,6 +3,7 @@ restatement (tests/reference/segformer.py), DropPath, the ImageNet file layouts 
 import copy
 import functools
 import logging
+import math
 import re
 
 import pytest
@@ -218,12 +219,18 @@ def test_initialisation_follows_nvlabs():
     torch.manual_seed(0)
     net = build_segformer('MiT_B0', 19)
     state = net.state_dict()
+    def std_within_sampling_error(key, expected):
+        # the standard deviation of n draws is off by about 1 / sqrt(2 n) of itself: allow four times that
+        weights = state[key]
+        assert weights.std().item() == pytest.approx(expected, rel=4 / math.sqrt(2 * weights.numel())), key
+
     fc1 = state['block1.0.mlp.fc1.weight']
-    assert fc1.std().item() == pytest.approx(0.02, rel=0.1) and fc1.abs().max() <= 2.0
-    assert state['linear_c4.proj.weight'].std().item() == pytest.approx(0.02, rel=0.1)
+    assert fc1.abs().max() <= 2.0
+    std_within_sampling_error('block1.0.mlp.fc1.weight', 0.02)
+    std_within_sampling_error('linear_c4.proj.weight', 0.02)
     for key, fan_out in [('patch_embed1.proj.weight', 49 * 32), ('block1.0.mlp.dwconv.dwconv.weight', 9),
                          ('linear_pred.weight', 19), ('linear_fuse.0.weight', 256)]:
-        assert state[key].std().item() == pytest.approx((2.0 / fan_out) ** 0.5, rel=0.1), key
+        std_within_sampling_error(key, (2.0 / fan_out) ** 0.5)
     biases = [k for k in state if k.endswith('.bias') and not k.startswith('linear_fuse.1')]
     assert all(not state[k].any() for k in biases)
     norms = [k for k, m in net.named_modules() if isinstance(m, nn.LayerNorm)]
