@@ -91,7 +91,9 @@ class _PatchCrossEntropy(torch.autograd.Function):
     def forward(ctx, logits, allowed):
         peak = logits.masked_fill(~allowed, -math.inf).amax(dim=2, keepdim=True)
         floor = math.log(torch.finfo(logits.dtype).tiny)
-        softmax = (logits - peak).clamp_(min=floor).exp_().mul_(allowed)
+        # the entries left out of a row (the same group at another pixel) may lie far above its peak: capped at
+        # 0 before exp() (no overflow to inf, whose product with the mask would be NaN), then zeroed
+        softmax = (logits - peak).clamp_(min=floor, max=0.0).exp_().mul_(allowed)
         row_sums = softmax.sum(dim=2, keepdim=True)
         softmax.div_(row_sums)
         ctx.save_for_backward(softmax)

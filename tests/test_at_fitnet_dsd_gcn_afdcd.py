@@ -391,3 +391,21 @@ def test_afdcd_invalid_inputs():
     ours.generator = 5
     with pytest.raises(ValueError, match='generator'):
         ours(student, teacher)
+
+
+def test_contrast_finite_when_left_out_samples_are_far_closer():
+    """The teacher samples of a row's own group at the other pixels are neither its positive nor a negative; when
+    they are far closer to the student sample than every sample the row compares (logits hundreds of units
+    above the row's peak), the term stays finite and equals the original's (the left-out entries never reach
+    exp())."""
+    from losses.afdcd import omni_contrastive_loss
+    pixels = torch.arange(16, dtype=torch.float64).view(1, 1, 4, 4)
+    groups = torch.arange(16, dtype=torch.float64).repeat_interleave(2).view(1, 32, 1, 1)
+    teacher = 1000 * pixels + 100 * groups  # samples far apart by pixel, and by group
+    student = torch.roll(teacher, shifts=1, dims=3).requires_grad_()  # each pixel holds its neighbour's teacher
+    got = omni_contrastive_loss(student, teacher, 16, (4, 4), 0.07)
+    expected = original_contrastive_term(student, teacher, pool_size=0)
+    assert torch.isfinite(got)
+    torch.testing.assert_close(got, expected, rtol=1e-9, atol=0)
+    got.backward()
+    assert torch.isfinite(student.grad).all()

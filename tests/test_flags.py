@@ -73,6 +73,7 @@ class Row:
     b: object
     observable: str
     scales: bool = False
+    extra: tuple = ()  # flags the row needs set besides its own (a temperature of a term off by default)
 
     @property
     def id(self):
@@ -123,6 +124,42 @@ METHOD_ROWS = [
     Row('cirkd', '--pixel-contrast-size', '190', '380', 'Memory p2p Loss'),
     Row('cirkd', '--region-memory-size', '8', '16', 'Memory p2r Loss'),
     Row('cirkd', '--region-contrast-size', '38', '76', 'Memory p2r Loss'),
+    Row('at', '--lambda-kd', '1.0', '2.0', 'KD Loss', scales=True),
+    Row('at', '--kd-temperature', '1.0', '2.0', 'KD Loss'),
+    Row('at', '--lambda-at', '10000', '5000', 'AT Loss', scales=True),
+    Row('fitnet', '--lambda-kd', '1.0', '2.0', 'KD Loss', scales=True),
+    Row('fitnet', '--kd-temperature', '1.0', '2.0', 'KD Loss'),
+    Row('fitnet', '--lambda-fitnet', '10', '5', 'FitNet Loss', scales=True),
+    Row('dsd', '--lambda-psd', '1000', '500', 'PSD Loss', scales=True),
+    Row('dsd', '--lambda-csd', '10', '5', 'CSD Loss', scales=True),
+    Row('dsd', '--csd-temperature', '4.0', '2.0', 'CSD Loss'),
+    Row('dsd', '--lambda-kd', '1.0', '2.0', 'KD Loss', scales=True),
+    Row('dsd', '--kd-temperature', '1.0', '2.0', 'KD Loss', extra=('--lambda-kd', '1.0')),
+    Row('cirkdv2', '--lambda-kd', '1.0', '2.0', 'KD Loss', scales=True),
+    Row('cirkdv2', '--kd-temperature', '1.0', '2.0', 'KD Loss'),
+    Row('cirkdv2', '--lambda-fitnet', '1.0', '2.0', 'FitNet Loss', scales=True),
+    Row('cirkdv2', '--gcn', None, False, 'FitNet Loss'),
+    Row('cirkdv2', '--lambda-minibatch-pixel', '1.0', '2.0', 'Mini-batch p2p Loss', scales=True),
+    Row('cirkdv2', '--contrast-temperature', '0.1', '0.2', 'Batch c2c Loss'),
+    Row('cirkdv2', '--lambda-memory-pixel', '0.1', '0.3', 'Memory p2p Loss', scales=True),
+    Row('cirkdv2', '--lambda-memory-region', '0.1', '0.3', 'Memory p2r Loss', scales=True),
+    Row('cirkdv2', '--contrast-kd-temperature', '1.0', '2.0', 'Memory c2c Loss'),
+    Row('cirkdv2', '--pixel-memory-size', '64', '128', 'Memory p2p Loss'),
+    Row('cirkdv2', '--pixel-contrast-size', '190', '380', 'Memory p2p Loss'),
+    Row('cirkdv2', '--region-memory-size', '8', '16', 'Memory p2r Loss'),
+    Row('cirkdv2', '--region-contrast-size', '38', '76', 'Memory p2r Loss'),
+    Row('cirkdv2', '--lambda-minibatch-channel', '1.0', '2.0', 'Batch c2c Loss', scales=True),
+    Row('cirkdv2', '--lambda-memory-channel', '0.1', '0.3', 'Memory c2c Loss', scales=True),
+    Row('cirkdv2', '--lambda-channel-kd', '100', '50', 'Channel MSE Loss', scales=True),
+    Row('cirkdv2', '--channel-memory-size', '512', '1024', 'Memory c2c Loss'),
+    Row('cirkdv2', '--channel-contrast-size', '64', '128', 'Memory c2c Loss'),
+    Row('afdcd', '--lambda-kd', '1.0', '2.0', 'KD Loss', scales=True),
+    Row('afdcd', '--kd-temperature', '1.0', '2.0', 'KD Loss'),
+    Row('afdcd', '--lambda-fd', '4e-5', '8e-5', 'FD Loss', scales=True),
+    Row('afdcd', '--lambda-ctr', '0.001', '0.002', 'CTR Loss', scales=True),
+    Row('afdcd', '--mask-ratio', '0.75', '0.5', 'FD Loss'),
+    Row('afdcd', '--rand-mask', None, False, 'FD Loss'),
+    Row('afdcd', '--enhance-projector', None, True, 'FD Loss'),
 ]
 
 METHOD_FLAGS_WITHOUT_ROW = {
@@ -164,6 +201,7 @@ SHARED_FLAGS_WITHOUT_ROW = {
     '--val-per-iters': 'when the run validates: tests/test_train.py, tests/test_resume.py',
     '--skip-val': 'no validation: tests/test_train.py (no best checkpoint)',
     '--resume': 'tests/test_resume.py',
+    '--overwrite': 'what happens to an earlier run\'s files: tests/test_run_safety.py',
     '--gpu-id': 'GPUs only: tests/test_gpu_check.py',
     '--no-cuda': 'every run of the tests passes it',
     '--local_rank': 'set by torch.distributed.launch: tests/test_train.py',
@@ -273,6 +311,8 @@ def flag_argv(flag, value, files):
         return []
     if value is True:
         return [flag]
+    if value is False:  # the negative form of a --flag / --no-flag switch
+        return ['--no-' + flag[2:]]
     return [flag, str(value).format(**files)]
 
 
@@ -356,7 +396,7 @@ def method_argv(method, files):
 
 @pytest.mark.parametrize('row', METHOD_ROWS, ids=[row.id for row in METHOD_ROWS])
 def test_method_flag_changes_its_term(files, row):
-    base = method_argv(row.script, files)
+    base = method_argv(row.script, files) + list(row.extra)
     a = method_values(row.script, base + flag_argv(row.flag, row.a, files))
     b = method_values(row.script, base + flag_argv(row.flag, row.b, files))
     assert row.observable in a and row.observable in b, (
