@@ -2,6 +2,18 @@
 import pytest
 
 
+@pytest.fixture(scope='session', autouse=True)
+def one_thread_per_worker():
+    """One torch thread in every test process: `make test` runs one pytest worker per core, and a second thread
+    per worker only spins against the other worker (OpenMP's busy waiting made in-process runs 2 to 10 times
+    slower on a loaded 2-core machine). Tests about thread counts set their own."""
+    import torch
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope='session')
 def toy_root(tmp_path_factory):
     """Factory: toy_root(dataset='citys', num_train=4, num_val=3, size=(64, 128), seed=0, num_test=0)

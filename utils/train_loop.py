@@ -65,7 +65,7 @@ from utils.results import FLAGS_SUFFIX, HISTORY_SUFFIX, metrics_record, read_his
 from utils.run_folders import LOG_SUFFIX, claim_run_folders, run_stem
 from utils.samplers import IterationSampler
 from utils.seeding import derive_seed
-from utils.train_build import build_run
+from utils.train_build import build_run, check_micro_batch, student_norm_layer
 from utils.train_state import RunState
 from utils.train_step import LossMeter
 
@@ -522,6 +522,7 @@ def run_training(args, method_name, build_method=None):
     ctx = init_distributed(args)
     lock = None
     try:
+        check_micro_batch(args, ctx, student_norm_layer(ctx))  # a user error: refused before any folder is made
         lock = claim_run_folders(args, method_name, ctx)
         trainer = Trainer(args, method_name, build_method, ctx)
         if lock is not None:  # now that the log is set up
