@@ -66,11 +66,19 @@ def start_ranks(cmd, cwd, nproc=2, **env):
 
 
 def finish_ranks(procs, timeout=TIMEOUT):
-    """Wait for the processes of `start_ranks`; a CompletedProcess with the outputs of all ranks and the first
-    non-zero exit status (0 when every rank succeeded)."""
+    """Wait for the processes of `start_ranks` (those still running after `timeout` are killed, and TimeoutExpired
+    raised); a CompletedProcess with the outputs of all ranks and the first non-zero exit status (0 when every
+    rank succeeded)."""
+    try:
+        for proc in procs:
+            proc.wait(timeout=timeout)
+    finally:
+        for proc in procs:
+            if proc.poll() is None:  # a rank left waiting in a collective
+                proc.kill()
+                proc.wait()
     texts = []
     for proc in procs:
-        proc.wait(timeout=timeout)
         for output in proc.outputs:
             output.seek(0)
             texts.append(output.read())

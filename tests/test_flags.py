@@ -16,8 +16,8 @@ order, the weights or the optimizer's settings. One table says, for each flag, t
   'initial weights', 'optimizer' (its class and, per parameter, the settings of its group), 'first batch' (the
   image shapes of the first iteration's micro-batches), 'dropout seed' / 'method seeds' (the seeds of torch's
   generator and of the method's generators for the first micro-batch), 'first loss' (its logged terms),
-  'first learning rates' /
-  'second learning rates' (per parameter, after iteration 1 / 2) and 'trained weights' (after the whole run).
+  'first learning rates' / 'second learning rates' (per parameter, after iteration 1 / 2) and 'trained weights'
+  (after the whole run).
   Shared flags without a row are in `SHARED_FLAGS_WITHOUT_ROW` with the reason (no effect on what is computed,
   or the test that covers them).
 
@@ -497,6 +497,7 @@ def run_values(method, argv, observable):
 
 
 def same(a, b):
+    """Equal values: nested dicts, tensors bit for bit, anything else by ==."""
     if isinstance(a, dict):
         return isinstance(b, dict) and a.keys() == b.keys() and all(same(a[k], b[k]) for k in a)
     if isinstance(a, torch.Tensor):
@@ -505,6 +506,7 @@ def same(a, b):
 
 
 def run_argv(method, files):
+    """Two iterations of batch 4 at 32 x 32 of the cheapest student (and the same network as the teacher)."""
     argv = common(files['data'], files['work'] / 'runs', batch=4, iters=2, skip_val=True, log_iter=2) + [
         '--crop-size', '32,32']
     if not SCRIPTS[method].distillation:

@@ -1,6 +1,8 @@
 """The loop's behaviour that needs no launcher, in this process: the first validation always writes a best
-checkpoint, a run with nothing to distil builds no teacher, the optimizer flags, the records of a run's cost and
-environment, and the launcher's environment (torchrun or SLURM)."""
+checkpoint, a resumed run keeps its bookkeeping (best mIoU, the teacher's scores and warnings, history, iteration),
+the teacher check warns when it should and only then, a run with nothing to distil builds no teacher, the records
+of a run's cost and environment, SIGTERM (status 143 and the resume file), the refusals (one image per micro-batch
+on the CPU, the optimizer flags), and the launcher's environment (torchrun or SLURM)."""
 import io
 import json
 import os

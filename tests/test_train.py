@@ -173,15 +173,15 @@ def test_sigterm_to_one_rank_stops_both_with_143_and_the_resume_file(setup, tmp_
     writes the resume file, both exit with 143 (128 + SIGTERM, what a shell reports) and say so."""
     max_iterations = 30
     args = common(setup, tmp_path, batch=4, iters=max_iterations, log_iter=1, skip_val=True) + [
-        '--pretrained-base', 'None']
-    stem = 'baseline_deeplabv3_resnet18_citys'
+        '--model', 'psp_mobile', '--backbone', 'mobile', '--pretrained-base', 'None', '--crop-size', '32,32']
+    stem = 'baseline_psp_mobile_mobile_citys'
     log = tmp_path / 'logs' / f'{stem}_log.txt'
     procs = start_ranks([PYTHON, script('train_baseline.py')] + args, tmp_path)
     try:
         assert wait_for(lambda: log.exists() and f'Iters: 2/{max_iterations}' in log.read_text(), procs[0])
         procs[0].send_signal(signal.SIGTERM)
     finally:
-        done = finish_ranks(procs)
+        done = finish_ranks(procs, timeout=120)  # a rank that missed the stop would wait in DDP for 30 min
     assert [proc.returncode for proc in procs] == [143, 143], done.stderr[-4000:]
     stopped = re.findall(r'stopped by SIGTERM after iteration (\d+); resume file (\S+);', done.stderr)
     assert len(stopped) == 2 and stopped[0] == stopped[1], done.stderr[-4000:]
