@@ -22,10 +22,8 @@ the defaults, 3.4 GB for ADE20K).
 """
 import sys
 
-from losses import CriterionKD, CriterionMiniBatchCrossImagePair
-from utils.cirkd_memory import add_memory_args, build_memory_contrast, check_memory_args
+from utils.cirkd_memory import PixelRelationTerms, add_memory_args, check_memory_args
 from utils.errors import run_main
-from utils.method import DistillationMethod
 from utils.options import build_parser, validate_args
 from utils.train_loop import run_training
 
@@ -36,36 +34,15 @@ QUICK_FLAGS = ['--pixel-memory-size', '64', '--region-memory-size', '8', '--pixe
                '--region-contrast-size', '38']
 
 
-class CIRKDDistillation(DistillationMethod):
-    """KD, the mini-batch relation term and the two memory terms; the projection head is trained with the
-    student, the memories and their generator are the method's state."""
+class CIRKDDistillation(PixelRelationTerms):
+    """KD, the mini-batch relation term and the two memory terms (utils/cirkd_memory.py)."""
 
     def __init__(self, args, nets):
-        super().__init__()
-        self.lambda_kd = args.lambda_kd
-        self.lambda_minibatch = args.lambda_minibatch_pixel
-        self.lambda_pixel = args.lambda_memory_pixel
-        self.lambda_region = args.lambda_memory_region
-        self.kd = CriterionKD(temperature=args.kd_temperature)
-        self.minibatch = CriterionMiniBatchCrossImagePair(temperature=args.contrast_temperature)
-        # the same draws on every process, so that the memories stay equal
-        self.memory = build_memory_contrast(args, nets, self.add_generator('cirkd_memory', shared=True))
+        super().__init__(args, nets, 'cirkd_memory')
 
     def forward(self, s_outputs, t_outputs, labels):
-        s_logits, t_logits = s_outputs.logits, t_outputs.logits
-        s_feat, t_feat = s_outputs.features, t_outputs.features
-        terms = {}
-        if self.lambda_kd:
-            terms['KD Loss'] = self.lambda_kd * self.kd(s_logits, t_logits)
-        if self.lambda_minibatch:
-            terms['Mini-batch p2p Loss'] = self.lambda_minibatch * self.minibatch(s_feat, t_feat)
-        if self.memory is not None:
-            pixel, region = self.memory(s_feat, t_feat, labels)
-            if self.lambda_pixel:
-                terms['Memory p2p Loss'] = self.lambda_pixel * pixel
-            if self.lambda_region:
-                terms['Memory p2r Loss'] = self.lambda_region * region
-        return terms
+        return {**self.kd_term(s_outputs.logits, t_outputs.logits),
+                **self.pixel_terms(s_outputs.features, t_outputs.features, labels)}
 
 
 def parse_args(argv=None):

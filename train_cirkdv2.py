@@ -26,18 +26,11 @@ enqueued per iteration: 20 MB with the Cityscapes defaults, on every GPU; the pi
 import argparse
 import sys
 
-from losses import (
-    GCN,
-    CriterionFitNet,
-    CriterionKD,
-    CriterionMiniBatchCrossImagePair,
-    StudentSegChannelContrast,
-)
+from losses import GCN, CriterionFitNet, StudentSegChannelContrast
 from losses.cirkd_channel import pooled_positions
 from models.model_zoo import output_sizes
-from utils.cirkd_memory import add_memory_args, build_memory_contrast, check_memory_args
+from utils.cirkd_memory import PixelRelationTerms, add_memory_args, check_memory_args
 from utils.errors import run_main
-from utils.method import DistillationMethod
 from utils.options import build_parser, non_negative_float, positive_int, validate_args
 from utils.train_loop import run_training
 
@@ -62,32 +55,25 @@ def uses_gcn(args):
     return args.student_model != 'segformer'
 
 
-class CIRKDv2Distillation(DistillationMethod):
-    """The terms of CIRKDv2; the GCN, the FitNet convolution and the projection heads are trained with the
-    student; the pixel and channel memories and their generators are the method's state."""
+class CIRKDv2Distillation(PixelRelationTerms):
+    """The terms of CIRKDv2: CIRKD's (utils/cirkd_memory.py) after the GCN, FitNet and the channel terms; the GCN,
+    the FitNet convolution and the projection heads are trained with the student; the pixel and channel memories
+    and their generators are the method's state."""
 
     def __init__(self, args, nets):
-        super().__init__()
-        self.lambda_kd = args.lambda_kd
+        # CIRKDv2 pools maps of 256 or more a side (SegFormer's at 1024 x 1024 crops) 4 x 4 before the mini-batch
+        # pixel term
+        super().__init__(args, nets, 'cirkdv2_memory', minibatch_pool_from=MINIBATCH_POOL_FROM)
         self.lambda_fitnet = args.lambda_fitnet
-        self.lambda_minibatch_pixel = args.lambda_minibatch_pixel
-        self.lambda_pixel = args.lambda_memory_pixel
-        self.lambda_region = args.lambda_memory_region
         self.lambda_minibatch_channel = args.lambda_minibatch_channel
         self.lambda_memory_channel = args.lambda_memory_channel
         self.lambda_channel_kd = args.lambda_channel_kd
         s_channels, t_channels = nets.student.feature_channels, nets.teacher.feature_channels
-        self.kd = CriterionKD(temperature=args.kd_temperature)
         self.gcn = self.fitnet = None
         if self.lambda_fitnet:
             if uses_gcn(args):
                 self.gcn = GCN(s_channels, norm_layer=nets.norm_layer)
             self.fitnet = CriterionFitNet(s_channels, t_channels)
-        # CIRKDv2 pools maps of 256 or more a side (SegFormer's at 1024 x 1024 crops) 4 x 4 first
-        self.minibatch = CriterionMiniBatchCrossImagePair(temperature=args.contrast_temperature,
-                                                          pool_from_size=MINIBATCH_POOL_FROM)
-        # the same draws on every process, so that the memories stay equal
-        self.memory = build_memory_contrast(args, nets, self.add_generator('cirkdv2_memory', shared=True))
         self.channel = None
         if self.lambda_minibatch_channel or self.lambda_memory_channel or self.lambda_channel_kd:
             self.channel = StudentSegChannelContrast(
@@ -99,23 +85,13 @@ class CIRKDv2Distillation(DistillationMethod):
             self.channel.generator = self.add_generator('cirkdv2_channel', shared=True)
 
     def forward(self, s_outputs, t_outputs, labels):
-        s_logits, t_logits = s_outputs.logits, t_outputs.logits
         s_feat, t_feat = s_outputs.features, t_outputs.features.detach()
-        terms = {}
-        if self.lambda_kd:
-            terms['KD Loss'] = self.lambda_kd * self.kd(s_logits, t_logits)
+        terms = self.kd_term(s_outputs.logits, t_outputs.logits)
         if self.fitnet is not None:
             if self.gcn is not None:
                 s_feat = self.gcn(s_feat)  # every later term sees the GCN's output
             terms['FitNet Loss'] = self.lambda_fitnet * self.fitnet(s_feat, t_feat)
-        if self.lambda_minibatch_pixel:
-            terms['Mini-batch p2p Loss'] = self.lambda_minibatch_pixel * self.minibatch(s_feat, t_feat)
-        if self.memory is not None:
-            pixel, region = self.memory(s_feat, t_feat, labels)
-            if self.lambda_pixel:
-                terms['Memory p2p Loss'] = self.lambda_pixel * pixel
-            if self.lambda_region:
-                terms['Memory p2r Loss'] = self.lambda_region * region
+        terms.update(self.pixel_terms(s_feat, t_feat, labels))
         if self.channel is not None:
             batch, memory, mse = self.channel(s_feat, t_feat)
             if self.lambda_minibatch_channel:

@@ -1,12 +1,14 @@
 """What CIRKD and CIRKDv2 share: the flags, the checks and the construction of the class memories of teacher
-embeddings (the memory pixel-to-pixel and pixel-to-region terms), and the mini-batch pixel-pair term.
+embeddings (the memory pixel-to-pixel and pixel-to-region terms), and `PixelRelationTerms`: KD, the mini-batch
+pixel-pair term and the memory terms, which both methods compute alike.
 
 The memory sizes are per class; the contrast sizes are totals, divided among the classes as the originals do
 (flag // classes + 1). Every process holds the same memories (the teacher embeddings of the whole global batch
 are enqueued, with draws from a generator seeded alike on every process).
 """
 from dataset import dataset_info
-from losses import StudentSegContrast
+from losses import CriterionKD, CriterionMiniBatchCrossImagePair, StudentSegContrast
+from utils.method import DistillationMethod
 from utils.options import non_negative_float, positive_float, positive_int
 
 PIXEL_UPDATE_FREQ = 16  # teacher pixel vectors enqueued per class and image, at most (the originals')
@@ -66,3 +68,38 @@ def build_memory_contrast(args, nets, generator):
         ignore_label=args.ignore_label, s_channels=nets.student.feature_channels,
         t_channels=nets.teacher.feature_channels, pixel_update_freq=PIXEL_UPDATE_FREQ, norm_layer=nets.norm_layer,
         generator=generator)
+
+
+class PixelRelationTerms(DistillationMethod):
+    """CIRKD's terms: KD on the logits ("KD Loss"), pixel relations across the images of the mini-batch
+    ("Mini-batch p2p Loss") and against the class memories ("Memory p2p Loss", "Memory p2r Loss"). The projection
+    head is trained with the student; the memories and their generator (`generator_name`, the same draws on every
+    process, so that the memories stay equal) are the method's state. `minibatch_pool_from`: CIRKDv2's 4 x 4
+    pooling of maps at least that large before the mini-batch term (None: CIRKD's, never)."""
+
+    def __init__(self, args, nets, generator_name, minibatch_pool_from=None):
+        super().__init__()
+        self.lambda_kd = args.lambda_kd
+        self.lambda_minibatch_pixel = args.lambda_minibatch_pixel
+        self.lambda_pixel = args.lambda_memory_pixel
+        self.lambda_region = args.lambda_memory_region
+        self.kd = CriterionKD(temperature=args.kd_temperature)
+        self.minibatch = CriterionMiniBatchCrossImagePair(temperature=args.contrast_temperature,
+                                                          pool_from_size=minibatch_pool_from)
+        self.memory = build_memory_contrast(args, nets, self.add_generator(generator_name, shared=True))
+
+    def kd_term(self, s_logits, t_logits):
+        return {'KD Loss': self.lambda_kd * self.kd(s_logits, t_logits)} if self.lambda_kd else {}
+
+    def pixel_terms(self, s_feat, t_feat, labels):
+        """The mini-batch and memory terms on the student's and the teacher's features."""
+        terms = {}
+        if self.lambda_minibatch_pixel:
+            terms['Mini-batch p2p Loss'] = self.lambda_minibatch_pixel * self.minibatch(s_feat, t_feat)
+        if self.memory is not None:
+            pixel, region = self.memory(s_feat, t_feat, labels)
+            if self.lambda_pixel:
+                terms['Memory p2p Loss'] = self.lambda_pixel * pixel
+            if self.lambda_region:
+                terms['Memory p2r Loss'] = self.lambda_region * region
+        return terms
