@@ -4,7 +4,8 @@
   the same files as the run never stopped: the student checkpoints, every tensor of the resume file and
   the validation history, bit for bit (CPU), for train_mgd.py (a method with a trained generator and a random
   mask; the baseline's loop is a part of it), on one process with gradient accumulation and on two, with 0
-  and 2 loader workers.
+  and 2 loader workers; and on two processes for train_cirkdv2.py (memories, GCN) and train_afdcd.py (masks,
+  clipped loss module). The two-process runs are forked from this process (no interpreter start-up).
 - --grad-accum 2 on one process follows two processes without it.
 - A made-up method that owns each thing the contract allows (a module trained with the student, an
   optimizer of its own, a logged-only term, a buffer never broadcast, a random generator).
@@ -99,7 +100,7 @@ RESUME_CASES = [
     # CIRKDv2: the GCN, FitNet and projection heads trained with the student, pixel and channel memories with
     # their shared generators; Af-DCD: the mask generator and the clipped loss module, at its smallest crop
     ('cirkdv2', 2, ['--batch-size', '4', *training_scripts()['cirkdv2'].quick_flags]),
-    ('afdcd', 1, ['--batch-size', '2', '--crop-size', '128,128']),
+    ('afdcd', 2, ['--batch-size', '4', '--crop-size', '128,128']),
 ]
 
 
