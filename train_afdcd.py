@@ -78,16 +78,18 @@ class AfDCDDistillation(DistillationMethod):
 
 def check_teacher_stage(parser, args):
     """The omni-contrastive term's needs, checked before anything is built: channel groups and whole patches."""
-    channels = describe_network(args.teacher_model, args.teacher_backbone, 1).stage_channels[-1]
+    spec = describe_network(args.teacher_model, args.teacher_backbone, 1)
+    channels = spec.stage_channels[-1]
     if channels % CHANNEL_GROUPS:
         parser.error(f'the {args.teacher_model} {args.teacher_backbone} teacher\'s last stage has {channels} channels, '
                      f'not divisible into the {CHANNEL_GROUPS} groups of the contrastive term; choose another teacher')
     height, width = output_sizes(args.teacher_model, args.teacher_backbone, tuple(args.crop_size))['stages'][-1]
     pool = 1 if args.dataset == 'camvid' else POOL  # the original does not pool CamVid's maps
     if height // pool < PATCH[0] or width // pool < PATCH[1]:
+        smallest = pool * max(PATCH) * spec.stage_strides[-1]
         parser.error(f'--crop-size {args.crop_size[0]},{args.crop_size[1]}: the teacher\'s last stage is then '
                      f'{height} x {width}, too small for one {PATCH[0]} x {PATCH[1]} patch after the {pool} x {pool} '
-                     'pooling of the contrastive term; use a larger crop')
+                     f'pooling of the contrastive term; use a crop of at least {smallest} on each side')
 
 
 def parse_args(argv=None):

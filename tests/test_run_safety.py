@@ -64,7 +64,7 @@ def test_ctrl_c_then_a_refused_run_then_resume(data, tmp_path, monkeypatch):
     before = snapshot(tmp_path)
     status, err = train(argv)
     assert status == 2 and err.count('\n') == 1, err
-    assert err.startswith(f'error: {tmp_path / "ckpt"} already holds the files of a baseline run')
+    assert err.startswith(f'error: {tmp_path / "ckpt"} already holds the files of an earlier baseline run')
     assert '--resume auto' in err and '--overwrite' in err
     assert snapshot(tmp_path) == before  # not even the flags file, the history or the log was touched
 

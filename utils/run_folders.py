@@ -81,8 +81,8 @@ def check_not_overwriting(args, stem, method):
     resume_path = checkpoint_paths(args.save_dir, stem)['resume']
     ways = 'continue that run with --resume auto, give another --save-dir / --log-dir, or replace it with --overwrite'
     if args.resume is None:
-        raise UserError(f'{folder} already holds the files of a {method} run of the same networks and data set '
-                        f'({_describe(found)}); this run would overwrite them: {ways}')
+        raise UserError(f'{folder} already holds the files of an earlier {method} run of the same networks and data '
+                        f'set ({_describe(found)}); this run would overwrite them: {ways}')
     if args.resume == 'auto' and not os.path.isfile(resume_path):
         raise UserError(f'--resume auto: {folder} holds files of this run ({_describe(found)}) but no resume file '
                         f'{os.path.basename(resume_path)} to continue from; starting afresh would overwrite them: '
