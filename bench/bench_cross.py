@@ -15,7 +15,8 @@ and `Stepper.step(micro_batches, iteration, seed=False)` (bench/table.py), fed b
 are read before the clock starts. The same-family and the cross-family run of a row take their timed iterations
 in turn (the order alternating), so a slow phase of a shared machine hits both alike; each column is the median
 over --iters iterations after --warmup. Both runs of a row use one crop: --crop, or where a method needs more
-(SKD / IFVD: MIN_CROP x teacher stride / 8, for the larger of the two teachers' needs) that crop with
+(SKD / IFVD / Af-DCD: MIN_CROP x the stride of the teacher's map it concerns / 8, for the larger of the two
+teachers' needs) that crop with
 --large-batch and --large-iters. The teachers' multiply-adds at that crop are printed too: the ratio holds the
 difference of the teachers' cost as well as the cost of crossing the families.
 """

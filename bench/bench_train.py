@@ -19,8 +19,8 @@ RECOMMENDED_FLAGS (and its QUICK_FLAGS with --quick). For each script, two measu
 
 The data: a toy Cityscapes (dataset.toy) with images of 2 x crop by 4 x crop, as Cityscapes' 1024 x 2048 against
 512 crops; the teacher: a fresh network saved to a file. A script with a MIN_CROP (SKD and IFVD: the
-discriminator's 64 x 64 logits) runs at --large-crop (default: its MIN_CROP scaled by the teacher's output
-stride / 8) with --large-batch and --large-iters.
+discriminator's 64 x 64 logits; Af-DCD: one patch of the pooled last stage) runs at --large-crop (default: its
+MIN_CROP scaled by the stride of the teacher's map it concerns / 8) with --large-batch and --large-iters.
 
 Seconds per iteration, from the time stamps taken after every iteration (after its logging and saving): the
 median (the typical step) and the mean (which carries the logging and saving iterations) over the iterations
@@ -82,7 +82,7 @@ def parse_args(argv=None):
     parser.add_argument('--crop', type=int, default=64, help='square crop side of the scripts without a MIN_CROP')
     parser.add_argument('--large-crop', type=int, default=None,
                         help="square crop side of the scripts with a MIN_CROP (default: the smallest they accept "
-                             "with the teacher: MIN_CROP x the teacher's output stride / 8)")
+                             "with the teacher: MIN_CROP x the stride of the teacher's map it concerns / 8)")
     parser.add_argument('--batch', type=int, default=4, help='batch size (at least 2: BatchNorm)')
     parser.add_argument('--large-batch', type=int, default=2, help='batch size at --large-crop')
     parser.add_argument('--iters', type=int, default=30, help='timed iterations per run')

@@ -202,7 +202,8 @@ def parse_args(argv=None, cuda_available=None):
 # ---------------------------------------------------------------- the plan
 
 def crop_for(script, shapes):
-    """The crop side of a script: the mode's, or the script's MIN_CROP scaled to the teacher's stride."""
+    """The crop side of a script: the mode's, or the script's MIN_CROP scaled to the stride of the teacher's map
+    it concerns."""
     return max(shapes.crop, script.smallest_crop(describe_network(*shapes.teacher, 1)))
 
 
