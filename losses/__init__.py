@@ -18,6 +18,9 @@
 | dsd.py | CriterionDoubleSimKD | train_dsd.py |
 | gcn.py | GCN | train_cirkdv2.py |
 | afdcd.py | OmniContrastiveFeatureLoss | train_afdcd.py |
+
+align.py (the student's map resized to the teacher's), channel.py (the error type, the loss precision) and
+checks.py (the constructor arguments' checks) serve them all.
 """
 from .adversarial import CriterionAdv, CriterionAdvForG
 from .afdcd import OmniContrastiveFeatureLoss

@@ -40,9 +40,9 @@ from torch.autograd.function import once_differentiable
 
 from .align import resize_like
 from .channel import LossSettingError, autocast_disabled, loss_precision
-from .cirkd import _integer_at_least, _positive_number
+from .checks import check_channels, integer_at_least, number, positive_number, switch
 from .fitnet import CastingConv2d, check_feature_channels
-from .mgd import check_channels, draw_pixel_mask, pixel_mask
+from .mgd import draw_pixel_mask, pixel_mask
 
 __all__ = ['OmniContrastiveFeatureLoss', 'EnhancedProjector', 'omni_contrastive_loss']
 
@@ -125,19 +125,6 @@ def omni_contrastive_loss(preds, targets, groups, patch_size, temperature):
     return _PatchCrossEntropy.apply(logits, allowed) / (h * w * n)
 
 
-def _switch(name, value):
-    if not isinstance(value, bool):
-        raise LossSettingError(f'{name} must be True or False, got {value!r}')
-    return value
-
-
-def _number(name, value):
-    try:
-        return float(value)
-    except (TypeError, ValueError):
-        raise LossSettingError(f'{name} must be a number, got {value!r}') from None
-
-
 class OmniContrastiveFeatureLoss(nn.Module):
     """(dis_loss, ctr_loss) of a student feature S (N x Cs x h x w) and a teacher feature T (N x Ct x h x w):
 
@@ -177,21 +164,21 @@ class OmniContrastiveFeatureLoss(nn.Module):
         super().__init__()
         self.student_channels = check_channels('student_channels', student_channels)
         self.teacher_channels = check_channels('teacher_channels', teacher_channels)
-        self.tau_ocd = _positive_number('tau_ocd', tau_ocd)
-        self.M_ocd = _integer_at_least('M_ocd', M_ocd, 1)
+        self.tau_ocd = positive_number('tau_ocd', tau_ocd)
+        self.M_ocd = integer_at_least('M_ocd', M_ocd, 1)
         if self.teacher_channels % self.M_ocd:
             raise LossSettingError(f'M_ocd ({self.M_ocd}) must divide teacher_channels ({self.teacher_channels}): '
                                    'the contrast cuts the channels into M_ocd equal groups')
-        self.pool_size = _integer_at_least('pool_size', pool_size, 0)
+        self.pool_size = integer_at_least('pool_size', pool_size, 0)
         patch = (patch_size, patch_size) if isinstance(patch_size, int) else patch_size
         if not isinstance(patch, (tuple, list)) or len(patch) != 2:
             raise LossSettingError(f'patch_size must be a pair of whole numbers >= 1, got {patch_size!r}')
-        self.patch_size = tuple(_integer_at_least('patch_size', side, 1) for side in patch)
-        self.rand_mask = _switch('rand_mask', rand_mask)
-        self.mask_ratio = _number('mask_ratio', mask_ratio)
+        self.patch_size = tuple(integer_at_least('patch_size', side, 1) for side in patch)
+        self.rand_mask = switch('rand_mask', rand_mask)
+        self.mask_ratio = number('mask_ratio', mask_ratio)
         if not 0 <= self.mask_ratio <= 1:
             raise LossSettingError(f'mask_ratio must be a number in [0, 1], got {self.mask_ratio}')
-        self.enhance_projector = _switch('enhance_projector', enhance_projector)
+        self.enhance_projector = switch('enhance_projector', enhance_projector)
         if not isinstance(dataset, str):
             raise LossSettingError(f'dataset must be a data set name, got {dataset!r}')
         self.dataset = dataset

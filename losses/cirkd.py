@@ -20,7 +20,6 @@ Both terms compare softmaxes of similarity rows: student and teacher logits are 
 at a time, and the gradient the backward pass needs (a constant times P_S - P_T against the columns) is
 formed in the same pass, so neither log-softmax is materialised and nothing is recomputed.
 """
-import math
 
 import torch
 import torch.distributed as dist
@@ -30,6 +29,7 @@ from torch.autograd.function import once_differentiable
 
 from .align import resize_like
 from .channel import LossSettingError, autocast_disabled, loss_precision
+from .checks import at_most, integer, integer_at_least, positive_number
 from .hwd_loss import resize_labels_nearest
 
 __all__ = ['CriterionMiniBatchCrossImagePair', 'StudentSegContrast']
@@ -37,38 +37,6 @@ __all__ = ['CriterionMiniBatchCrossImagePair', 'StudentSegContrast']
 # Bytes of one row-block workspace (three are live at once): large enough for efficient matrix
 # products, small enough that the block stays in the last-level cache between the passes over it.
 WORKSPACE_BYTES = 8 << 20
-
-
-def _positive_number(name, value):
-    try:
-        value = float(value)
-    except (TypeError, ValueError):
-        raise LossSettingError(f'{name} must be a positive number, got {value!r}') from None
-    if not 0 < value < math.inf:
-        raise LossSettingError(f'{name} must be a positive number, got {value}')
-    return value
-
-
-def _integer(name, value):
-    try:
-        integral = not isinstance(value, bool) and int(value) == value
-    except (TypeError, ValueError, OverflowError):  # None, a string, nan, inf
-        integral = False
-    if not integral:
-        raise LossSettingError(f'{name} must be an integer, got {value!r}')
-    return int(value)
-
-
-def _integer_at_least(name, value, minimum, why=''):
-    value = _integer(name, value)
-    if value < minimum:
-        raise LossSettingError(f'{name} must be at least {minimum}{why}, got {value}')
-    return value
-
-
-def _at_most(name, value, limit_name, limit, why=''):
-    if value > limit:
-        raise LossSettingError(f'{name} must be at most {limit_name} ({limit}){why}, got {value}')
 
 
 @torch.no_grad()
@@ -234,8 +202,8 @@ class CriterionMiniBatchCrossImagePair(nn.Module):
 
     def __init__(self, temperature=0.1, pool_from_size=None):
         super().__init__()
-        self.temperature = _positive_number('temperature', temperature)
-        self.pool_from_size = None if pool_from_size is None else _integer_at_least('pool_from_size',
+        self.temperature = positive_number('temperature', temperature)
+        self.pool_from_size = None if pool_from_size is None else integer_at_least('pool_from_size',
                                                                                      pool_from_size, 1)
 
     def extra_repr(self):
@@ -364,21 +332,21 @@ class StudentSegContrast(nn.Module):
                  region_contrast_size=54, contrast_kd_temperature=1.0, contrast_temperature=0.1, ignore_label=-1,
                  s_channels=128, t_channels=256, pixel_update_freq=16, norm_layer=nn.BatchNorm2d, generator=None):
         super().__init__()
-        self.num_classes = _integer_at_least('num_classes', num_classes, 1)
-        self.pixel_update_freq = _integer_at_least('pixel_update_freq', pixel_update_freq, 1)
-        self.pixel_memory_size = _integer_at_least('pixel_memory_size', pixel_memory_size, self.pixel_update_freq,
+        self.num_classes = integer_at_least('num_classes', num_classes, 1)
+        self.pixel_update_freq = integer_at_least('pixel_update_freq', pixel_update_freq, 1)
+        self.pixel_memory_size = integer_at_least('pixel_memory_size', pixel_memory_size, self.pixel_update_freq,
                                                    ' (pixel_update_freq)')
-        self.region_memory_size = _integer_at_least('region_memory_size', region_memory_size, 1)
-        self.pixel_contrast_size = _integer_at_least('pixel_contrast_size', pixel_contrast_size, 1)
-        self.region_contrast_size = _integer_at_least('region_contrast_size', region_contrast_size, 1)
+        self.region_memory_size = integer_at_least('region_memory_size', region_memory_size, 1)
+        self.pixel_contrast_size = integer_at_least('pixel_contrast_size', pixel_contrast_size, 1)
+        self.region_contrast_size = integer_at_least('region_contrast_size', region_contrast_size, 1)
         # randperm(size)[:P] would silently give fewer negatives than asked for
-        _at_most('pixel_contrast_size', self.pixel_contrast_size, 'pixel_memory_size', self.pixel_memory_size)
-        _at_most('region_contrast_size', self.region_contrast_size, 'region_memory_size', self.region_memory_size)
-        self.contrast_kd_temperature = _positive_number('contrast_kd_temperature', contrast_kd_temperature)
-        self.contrast_temperature = _positive_number('contrast_temperature', contrast_temperature)
-        self.ignore_label = _integer('ignore_label', ignore_label)
-        self.s_channels = _integer_at_least('s_channels', s_channels, 1)
-        self.t_channels = _integer_at_least('t_channels', t_channels, 1)
+        at_most('pixel_contrast_size', self.pixel_contrast_size, 'pixel_memory_size', self.pixel_memory_size)
+        at_most('region_contrast_size', self.region_contrast_size, 'region_memory_size', self.region_memory_size)
+        self.contrast_kd_temperature = positive_number('contrast_kd_temperature', contrast_kd_temperature)
+        self.contrast_temperature = positive_number('contrast_temperature', contrast_temperature)
+        self.ignore_label = integer('ignore_label', ignore_label)
+        self.s_channels = integer_at_least('s_channels', s_channels, 1)
+        self.t_channels = integer_at_least('t_channels', t_channels, 1)
         self.generator = check_generator(generator)
 
         # Built in the original's order: the head first, then the queues from the global generator.

@@ -27,11 +27,9 @@ import torch.nn.functional as F
 
 from .align import resize_like
 from .channel import autocast_disabled, loss_precision
+from .checks import at_most, integer_at_least, positive_number
 from .cirkd import (
-    _at_most,
-    _integer_at_least,
     _normalised_queue,
-    _positive_number,
     all_gather_rows,
     average_pool_4x4,
     check_features,
@@ -98,18 +96,18 @@ class StudentSegChannelContrast(nn.Module):
     def __init__(self, s_channels, t_channels, dim, channel_memory_size=10000, channel_contrast_size=2048,
                  contrast_kd_temperature=1.0, contrast_temperature=0.1, update_size=256, norm_layer=nn.BatchNorm2d):
         super().__init__()
-        self.s_channels = _integer_at_least('s_channels', s_channels, 1)
-        self.t_channels = _integer_at_least('t_channels', t_channels, 1)
-        self.dim = _integer_at_least('dim', dim, 1)
-        self.update_size = _integer_at_least('update_size', update_size, 1)
-        self.channel_memory_size = _integer_at_least('channel_memory_size', channel_memory_size, 1)
-        _at_most('update_size', self.update_size, 'channel_memory_size', self.channel_memory_size,
+        self.s_channels = integer_at_least('s_channels', s_channels, 1)
+        self.t_channels = integer_at_least('t_channels', t_channels, 1)
+        self.dim = integer_at_least('dim', dim, 1)
+        self.update_size = integer_at_least('update_size', update_size, 1)
+        self.channel_memory_size = integer_at_least('channel_memory_size', channel_memory_size, 1)
+        at_most('update_size', self.update_size, 'channel_memory_size', self.channel_memory_size,
                  ': a write must fit in the memory')
-        self.channel_contrast_size = _integer_at_least('channel_contrast_size', channel_contrast_size, 1)
+        self.channel_contrast_size = integer_at_least('channel_contrast_size', channel_contrast_size, 1)
         # randperm(size)[:P] would silently give fewer contrast rows than asked for
-        _at_most('channel_contrast_size', self.channel_contrast_size, 'channel_memory_size', self.channel_memory_size)
-        self.contrast_kd_temperature = _positive_number('contrast_kd_temperature', contrast_kd_temperature)
-        self.contrast_temperature = _positive_number('contrast_temperature', contrast_temperature)
+        at_most('channel_contrast_size', self.channel_contrast_size, 'channel_memory_size', self.channel_memory_size)
+        self.contrast_kd_temperature = positive_number('contrast_kd_temperature', contrast_kd_temperature)
+        self.contrast_temperature = positive_number('contrast_temperature', contrast_temperature)
         self.generator = None
 
         # Built in the original's order: the head first, then the queue from the global generator.

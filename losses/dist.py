@@ -10,13 +10,13 @@ Differences from the original zju-SWJ/HWD code: the same value; beta and gamma a
 0 skips its relation), the teacher's logits are detached inside the loss, and half-precision inputs are
 computed in float32.
 """
-import math
 
 import torch
 import torch.nn as nn
 
 from .align import resize_like
-from .channel import LossSettingError, autocast_disabled, check_pair, loss_precision
+from .channel import autocast_disabled, check_pair, loss_precision
+from .checks import check_weight
 
 __all__ = ['CriterionDIST']
 
@@ -32,13 +32,6 @@ def pearson_correlation(a, b, dims):
     b = b - b.mean(dims, keepdim=True)
     norms = torch.linalg.vector_norm(a, dim=dims) * torch.linalg.vector_norm(b, dim=dims)
     return (a * b).sum(dims) / (norms + PEARSON_EPS)
-
-
-def check_weight(name, value):
-    value = float(value)
-    if not (value >= 0 and math.isfinite(value)):
-        raise LossSettingError(f'{name} must be a number >= 0, got {value}')
-    return value
 
 
 class CriterionDIST(nn.Module):

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from .align import resize_like
 from .at import attention_map
 from .channel import autocast_disabled
-from .cirkd import _positive_number
+from .checks import positive_number
 
 __all__ = ['CriterionDoubleSimKD']
 
@@ -76,7 +76,7 @@ class CriterionDoubleSimKD(nn.Module):
 
     def __init__(self, temperature=4.0):
         super().__init__()
-        self.temperature = _positive_number('temperature', temperature)
+        self.temperature = positive_number('temperature', temperature)
 
     def extra_repr(self):
         return f'temperature={self.temperature}'

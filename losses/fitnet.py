@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from .align import resize_like
 from .channel import autocast_disabled, loss_precision
-from .mgd import check_channels
+from .checks import check_channels
 
 __all__ = ['CriterionFitNet', 'CastingConv2d']
 

@@ -12,7 +12,6 @@ checked; half-precision inputs are computed in float32 (the parameters are cast 
 computation, so a float32 module serves float64 features too).
 """
 import math
-import operator
 
 import torch
 import torch.nn as nn
@@ -20,18 +19,9 @@ import torch.nn.functional as F
 
 from .align import resize_like
 from .channel import LossSettingError, autocast_disabled, loss_precision
+from .checks import check_channels
 
 __all__ = ['CriterionMGD', 'draw_pixel_mask', 'pixel_mask']
-
-
-def check_channels(name, value):
-    try:
-        value = operator.index(value)
-    except TypeError:
-        raise LossSettingError(f'{name} must be a whole number >= 1, got {value!r}') from None
-    if value < 1:
-        raise LossSettingError(f'{name} must be a whole number >= 1, got {value}')
-    return value
 
 
 def draw_pixel_mask(generator, drop_probability, n, h, w, device=None, dtype=torch.float32):
